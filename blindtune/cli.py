@@ -1,0 +1,123 @@
+"""The `blindtune` command line: demo, run, eval."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from blindtune.config import ConfigError, load_run_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+console = Console()
+
+DEMO_CONFIG = "offsite_wordnet_3clients.yaml"
+DEMO_QUICK_CONFIG = "offsite_wordnet_3clients_quick.yaml"
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("blindtune") / "configs" / name))
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool) -> None:
+    from blindtune.report import rich_table
+    from blindtune.runner import run_experiment
+
+    _setup_logging(verbose)
+    try:
+        config = load_run_config(config_path, overrides)
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"running [bold]{config.method}[/bold] on [bold]{config.task}[/bold] -> {out}")
+    results = run_experiment(config, out)
+    console.print(rich_table(results))
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="Small budget: about 5 minutes on 2 CPU cores.")] = False,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Offsite tuning of SmolLM2-135M-Instruct by 3 clients on the WordNet supersense task."""
+    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, verbose)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="A run config YAML (see blindtune/configs/).")],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/run"),
+    engine: Annotated[str | None, typer.Option(help="Override federation.engine: simulation or inprocess.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the experiment a YAML config describes."""
+    overrides = {"federation": {"engine": engine}} if engine else None
+    _run(config, out, overrides, verbose)
+
+
+@app.command("eval")
+def evaluate(
+    task: Annotated[str, typer.Option(help="Task name or path to a .jsonl/.csv multiple-choice file.")] = "wordnet-supersense",
+    data_dir: Annotated[Path | None, typer.Option(help="Directory with the task's files.")] = None,
+    model: Annotated[str | None, typer.Option(help="Hugging Face model directory (default: embedded SmolLM2).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test examples.")] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    batch_size: Annotated[int, typer.Option()] = 32,
+    length_normalized: Annotated[bool, typer.Option(help="Score options per character (acc_norm).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write DIR/eval.json.")] = None,
+) -> None:
+    """Zero-shot accuracy of a model on a task."""
+    from blindtune.data import load_task
+    from blindtune.eval.tasks import evaluate_examples
+    from blindtune.models import load_model
+
+    if split not in {"train", "validation", "test"}:
+        raise typer.BadParameter("split must be train, validation or test")
+    started = time.perf_counter()
+    loaded = load_model(model)
+    data = load_task(task, data_dir)
+    examples = getattr(data, split)[:limit]
+    accuracy = evaluate_examples(
+        loaded.model, loaded.tokenizer, examples, data.kind, batch_size=batch_size,
+        length_normalized=length_normalized, desc=f"{task} {split}",
+    )
+    seconds = time.perf_counter() - started
+    result = {
+        "task": task, "model": loaded.name, "split": split, "num_examples": len(examples),
+        "accuracy": accuracy, "seconds": seconds,
+    }
+    console.print(f"{task} ({split}, {len(examples)} examples): accuracy [bold]{accuracy:.4f}[/bold] in {seconds:.1f} s")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    """Entry point: user errors (bad config, data, model path, adapter) end with a message, not a traceback."""
+    from blindtune.data import DataFormatError, UnknownTaskError
+    from blindtune.federation.rounds import TooFewClientsError
+    from blindtune.methods import UnknownMethodError
+    from blindtune.models import ModelLoadError
+    from blindtune.models.adapters import IncompatibleAdapterError
+    from blindtune.runner import RunFailedError
+
+    try:
+        app()
+    except (
+        ConfigError, DataFormatError, UnknownTaskError, UnknownMethodError, ModelLoadError,
+        IncompatibleAdapterError, RunFailedError, TooFewClientsError, FileNotFoundError,
+    ) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(2) from None

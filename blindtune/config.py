@@ -1,0 +1,217 @@
+"""Typed run configuration, loaded from YAML with unknown keys rejected.
+
+A run config names a method and carries the shared sections (model, task, federation, training,
+evaluation) plus one section for the method, whose dataclass the method registers. Loading is a
+strict recursive conversion of plain YAML data into those dataclasses: a misspelt key, a wrong type
+or an invalid enum value stops the run with the path of the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from blindtune.data.partition import PartitionScheme
+from blindtune.federation.engine import Engine
+from blindtune.models.loading import DEFAULT_MODEL
+from blindtune.training.loop import TrainConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key path."""
+
+
+@dataclass
+class FederationConfig:
+    """How the federation runs.
+
+    num_clients: number of client organisations (virtual SuperNodes in simulation).
+    rounds: federated rounds.
+    min_clients: a round proceeds only if at least this many clients reply (default: all).
+    partition: how the task's train split is divided among clients: `iid` or `dirichlet` (label skew).
+    dirichlet_alpha: concentration for `dirichlet` partitions (small = more skew).
+    engine: `simulation` (Flower's simulation engine) or `inprocess` (same apps, no Ray; for tests).
+    max_update_norm_ratio: updates whose norm exceeds this multiple of the median are rejected.
+    client_timeout_seconds: a client that has not replied by then is dropped from the round.
+    """
+
+    num_clients: int = 3
+    rounds: int = 3
+    min_clients: int | None = None
+    partition: PartitionScheme = PartitionScheme.IID
+    dirichlet_alpha: float = 1.0
+    engine: Engine = Engine.SIMULATION
+    max_update_norm_ratio: float = 10.0
+    client_timeout_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1 or self.rounds < 1:
+            raise ConfigError("federation.num_clients and federation.rounds must be >= 1")
+        if self.min_clients is not None and not 1 <= self.min_clients <= self.num_clients:
+            raise ConfigError("federation.min_clients must be between 1 and num_clients")
+
+    @property
+    def required_replies(self) -> int:
+        return self.num_clients if self.min_clients is None else self.min_clients
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the task's test split.
+
+    limit: evaluate on the first `limit` test examples (None: all).
+    batch_size: examples per forward pass.
+    length_normalized: score options by log-likelihood per character (acc_norm).
+    every_round: evaluate the plugged-in LLM after every round (else only after the last).
+    """
+
+    limit: int | None = 200
+    batch_size: int = 32
+    length_normalized: bool = False
+    every_round: bool = True
+
+
+@dataclass
+class BaselineConfig:
+    """Reference rows trained with the same budget (examples seen) as the federation.
+
+    centralized: the adapter trained on the full LLM with all clients' data pooled (upper bound).
+    local_only: the method's client side trained on client 0's data alone (lower bound).
+    """
+
+    centralized: bool = True
+    local_only: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One runnable setting; `method_config` is the method's own section (named after the method)."""
+
+    method: str
+    model: str = DEFAULT_MODEL
+    task: str = "wordnet-supersense"
+    data_dir: str | None = None
+    seed: int = 0
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    method_config: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _to_plain(self)
+        data[self.method] = data.pop("method_config")
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig; the method's section is parsed with the dataclass its method registered."""
+    from blindtune.methods import get_method
+
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError("a run config is a mapping with at least a `method` key")
+    spec = get_method(str(data["method"]))
+    data = dict(data)
+    method_section = data.pop(spec.name, {}) or {}
+    config = from_dict(RunConfig, data)
+    config.method_config = from_dict(spec.config_class, method_section, path=spec.name)
+    return config
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    try:
+        return run_config_from_dict(merge(data or {}, overrides or {}))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values in `overrides` win."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Strictly convert plain data into dataclass `cls`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{path or 'config'}: unknown key(s) {', '.join(unknown)}; expected one of {', '.join(sorted(fields))}"
+        )
+    values = {name: _convert(hints[name], value, f"{path}.{name}" if path else name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path or 'config'}: {error}") from error
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            if len(options) < len(typing.get_args(hint)):
+                return None
+            raise ConfigError(f"{path}: may not be null")
+        return _convert(options[0], value, path)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)  # type: ignore[arg-type]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in hint)
+            raise ConfigError(f"{path}: {value!r} is not one of {choices}") from None
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)[:1]
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported config type {hint}")
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,111 @@
+"""The one interface every task implements, and the registry that finds tasks by name.
+
+A task turns some source (WordNet files, a benchmark's JSONL, a user's file) into `Example`s split
+into train / validation / test. Everything downstream (training, evaluation, partitioning) sees only
+`Example`s, so a new task is one loader function registered under a name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TaskKind(enum.StrEnum):
+    MULTIPLE_CHOICE = "multiple_choice"  # scored by log-likelihood of each option
+    GENERATION = "generation"  # scored by exact match of the generated final answer
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task instance.
+
+    prompt:  text the model conditions on; ends right before the answer (no trailing space).
+    target:  the gold continuation used for training (starts with its separator, e.g. " animal").
+    choices: continuations scored for multiple-choice evaluation (each with its separator); empty for
+             generation tasks.
+    label:   index of the gold option in `choices`; -1 for generation tasks.
+    answer:  the final answer compared by exact match (generation tasks); None otherwise.
+    """
+
+    prompt: str
+    target: str
+    choices: tuple[str, ...] = ()
+    label: int = -1
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A loaded task: its splits and what it needs for evaluation."""
+
+    name: str
+    kind: TaskKind
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    label_names: tuple[str, ...] = field(default=())  # one per label index, for reports/partitioning
+
+
+class DataFormatError(ValueError):
+    """A row of a data file is not what the task expects (the message names file, line and field)."""
+
+    def __init__(self, path: str | Path, line: int, problem: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+
+
+class UnknownTaskError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a readable sentence
+        return str(self.args[0])
+
+
+# A loader takes the data directory (None: its default location) and a seed for deterministic splits.
+TaskLoader = Callable[[Path | None, int], TaskData]
+
+_TASKS: dict[str, TaskLoader] = {}
+
+
+def register_task(name: str) -> Callable[[TaskLoader], TaskLoader]:
+    """Register a loader under `name` (decorator)."""
+
+    def decorator(loader: TaskLoader) -> TaskLoader:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        _TASKS[name] = loader
+        return loader
+
+    return decorator
+
+
+def task_names() -> list[str]:
+    _import_builtin_tasks()
+    return sorted(_TASKS)
+
+
+def load_task(name_or_path: str, data_dir: str | Path | None = None, seed: int = 0) -> TaskData:
+    """Load a task by registered name, or a user's JSONL/CSV multiple-choice file by path.
+
+    `data_dir` overrides where a registered task reads its files (e.g. `../shared/data/piqa`).
+    """
+    _import_builtin_tasks()
+    directory = Path(data_dir) if data_dir is not None else None
+    if name_or_path in _TASKS:
+        return _TASKS[name_or_path](directory, seed)
+    path = Path(name_or_path)
+    if path.suffix.lower() in {".jsonl", ".csv"}:
+        from blindtune.data.multiple_choice import load_multiple_choice_file
+
+        return load_multiple_choice_file(path, seed=seed)
+    raise UnknownTaskError(
+        f"unknown task {name_or_path!r}: use one of {', '.join(task_names())} or a path to a .jsonl/.csv file"
+    )
+
+
+def _import_builtin_tasks() -> None:
+    # Importing the modules runs their @register_task decorators.
+    from blindtune.data import gsm8k, multiple_choice, wordnet  # noqa: F401

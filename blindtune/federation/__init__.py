@@ -1,0 +1,1 @@
+"""Federation on Flower: engines, messaging, the communication ledger and aggregation."""

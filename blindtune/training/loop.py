@@ -1,0 +1,122 @@
+"""The one training loop every party uses: clients on emulators/proxies, the server for baselines.
+
+It optimises the likelihood of each example's target continuation given its prompt (the same
+tokenisation as evaluation, see `blindtune.encoding`), touching only trainable parameters.
+The budget is counted in optimiser steps of `batch_size` examples, so every trained setting of a
+benchmark sees the same number of examples.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from blindtune.data import Example
+from blindtune.encoding import collate_pairs, continuation_loss, encode_pair
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation settings.
+
+    steps: optimiser steps per call (per round for a client).
+    batch_size: examples per step.
+    learning_rate: AdamW learning rate; weight_decay: AdamW weight decay.
+    max_length: prompt+target tokens kept per example (the prompt is cut from the left).
+    max_grad_norm: gradient clipping threshold (<= 0 disables it).
+    """
+
+    steps: int = 20
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    max_length: int = 256
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"invalid training settings: {self}")
+
+
+@dataclass
+class TrainStats:
+    mean_loss: float
+    examples_seen: int
+    tokens_seen: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.seconds if self.seconds > 0 else 0.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; the update must not leave this party."""
+
+
+def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
+    """`steps` batches drawn by cycling through seeded shuffles (epochs) of `examples`."""
+    if not examples:
+        raise ValueError("cannot train on an empty example list")
+    rng = random.Random(seed)
+    order: list[Example] = []
+    needed = steps * batch_size
+    while len(order) < needed:
+        epoch = list(examples)
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def train(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainStats:
+    """Run `config.steps` AdamW steps on the model's trainable parameters."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    for batch_examples in tqdm(
+        batches(examples, config.batch_size, config.steps, seed), desc=desc, disable=not progress, leave=False
+    ):
+        pairs = [encode_pair(tokenizer, e.prompt, e.target, config.max_length) for e in batch_examples]
+        batch = collate_pairs(pairs, pad_id)
+        loss = continuation_loss(model, batch)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"{desc}: loss became {loss.item()} after {len(losses)} steps")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        tokens += int(batch.attention_mask.sum())
+    model.train(was_training)
+    return TrainStats(
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        examples_seen=config.steps * config.batch_size,
+        tokens_seen=tokens,
+        seconds=time.perf_counter() - started,
+    )
