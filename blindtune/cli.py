@@ -26,7 +26,9 @@ def packaged_config(name: str) -> Path:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool) -> None:
@@ -69,7 +71,9 @@ def run(
 
 @app.command("eval")
 def evaluate(
-    task: Annotated[str, typer.Option(help="Task name or path to a .jsonl/.csv multiple-choice file.")] = "wordnet-supersense",
+    task: Annotated[
+        str, typer.Option(help="Task name or path to a .jsonl/.csv multiple-choice file.")
+    ] = "wordnet-supersense",
     data_dir: Annotated[Path | None, typer.Option(help="Directory with the task's files.")] = None,
     model: Annotated[str | None, typer.Option(help="Hugging Face model directory (default: embedded SmolLM2).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test examples.")] = None,
@@ -90,15 +94,26 @@ def evaluate(
     data = load_task(task, data_dir)
     examples = getattr(data, split)[:limit]
     accuracy = evaluate_examples(
-        loaded.model, loaded.tokenizer, examples, data.kind, batch_size=batch_size,
-        length_normalized=length_normalized, desc=f"{task} {split}",
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        data.kind,
+        batch_size=batch_size,
+        length_normalized=length_normalized,
+        desc=f"{task} {split}",
     )
     seconds = time.perf_counter() - started
     result = {
-        "task": task, "model": loaded.name, "split": split, "num_examples": len(examples),
-        "accuracy": accuracy, "seconds": seconds,
+        "task": task,
+        "model": loaded.name,
+        "split": split,
+        "num_examples": len(examples),
+        "accuracy": accuracy,
+        "seconds": seconds,
     }
-    console.print(f"{task} ({split}, {len(examples)} examples): accuracy [bold]{accuracy:.4f}[/bold] in {seconds:.1f} s")
+    console.print(
+        f"{task} ({split}, {len(examples)} examples): accuracy [bold]{accuracy:.4f}[/bold] in {seconds:.1f} s"
+    )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -116,8 +131,15 @@ def main() -> None:
     try:
         app()
     except (
-        ConfigError, DataFormatError, UnknownTaskError, UnknownMethodError, ModelLoadError,
-        IncompatibleAdapterError, RunFailedError, TooFewClientsError, FileNotFoundError,
+        ConfigError,
+        DataFormatError,
+        UnknownTaskError,
+        UnknownMethodError,
+        ModelLoadError,
+        IncompatibleAdapterError,
+        RunFailedError,
+        TooFewClientsError,
+        FileNotFoundError,
     ) as error:
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(2) from None

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from blindtune.data import TaskData
 from blindtune.data.partition import PartitionScheme
+from blindtune.eval.tasks import TaskEvaluator
 from blindtune.federation.engine import Engine
 from blindtune.models.loading import DEFAULT_MODEL
 from blindtune.training.loop import TrainConfig
@@ -79,6 +81,9 @@ class EvalConfig:
     batch_size: int = 32
     length_normalized: bool = False
     every_round: bool = True
+
+    def evaluator(self, task: TaskData, progress: bool = True) -> TaskEvaluator:
+        return TaskEvaluator(task, self.limit, self.batch_size, self.length_normalized, progress)
 
 
 @dataclass

@@ -113,17 +113,13 @@ def run_labels(runs: Sequence[dict[str, Any]]) -> list[str]:
     """A distinct label per run: the method, with the task if tasks differ, and #n if still equal."""
     several_tasks = len({run["task"] for run in runs}) > 1
     labels = [f"{run['method']} ({run['task']})" if several_tasks else str(run["method"]) for run in runs]
-    return [
-        f"{label} #{index + 1}" if labels.count(label) > 1 else label for index, label in enumerate(labels)
-    ]
+    return [f"{label} #{index + 1}" if labels.count(label) > 1 else label for index, label in enumerate(labels)]
 
 
 def metric_keys(runs: Sequence[dict[str, Any]]) -> list[str]:
     """The known metrics any run has, in METRIC_ORDER, then other metrics in order of first appearance."""
     present = {key: None for run in runs for key in run["metrics"]}
-    return [key for key in METRIC_ORDER if key in present] + [
-        key for key in present if key not in METRIC_ORDER
-    ]
+    return [key for key in METRIC_ORDER if key in present] + [key for key in present if key not in METRIC_ORDER]
 
 
 def summary_table(runs: Sequence[dict[str, Any]]) -> list[str]:
@@ -217,15 +213,11 @@ def plot_accuracy_per_round(runs: Sequence[dict[str, Any]], labels: Sequence[str
     shared_zero_shot = len(set(zero_shots)) == 1  # one model for all runs: draw its line once
     for label, run, zero_shot in zip(labels, runs, zero_shots, strict=True):
         points = [
-            (row["round"], 100 * row["plugin"])
-            for row in run.get("history", [])
-            if row.get("plugin") is not None
+            (row["round"], 100 * row["plugin"]) for row in run.get("history", []) if row.get("plugin") is not None
         ]
         (line,) = axes.plot([r for r, _ in points], [a for _, a in points], marker="o", label=label)
         if zero_shot is not None and not shared_zero_shot:
-            axes.axhline(
-                100 * zero_shot, color=line.get_color(), linestyle="--", label=f"{label}: LLM zero-shot"
-            )
+            axes.axhline(100 * zero_shot, color=line.get_color(), linestyle="--", label=f"{label}: LLM zero-shot")
     if shared_zero_shot and zero_shots[0] is not None:
         axes.axhline(100 * zero_shots[0], color="grey", linestyle="--", label="LLM zero-shot")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))

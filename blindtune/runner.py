@@ -71,7 +71,11 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True) -> d
         "failures": federation["failures"],
         "history": federation["history"],
         "clients": federation["clients"],
-        "details": {k: v for k, v in federation.items() if k not in {"metrics", "cost", "failures", "history", "clients", "status"}},
+        "details": {
+            k: v
+            for k, v in federation.items()
+            if k not in {"metrics", "cost", "failures", "history", "clients", "status"}
+        },
         "config": config.to_dict(),
     }
     (out_dir / RESULTS).write_text(json.dumps(results, indent=2))

@@ -47,9 +47,7 @@ def gsm8k_example(record: dict[str, Any], path: Path, line: int) -> Example:
     solution = require_str(record, "answer", path, line)
     rationale, marker, final = solution.rpartition("####")
     if not marker or not NUMBER.fullmatch(final.strip()):
-        raise DataFormatError(
-            path, line, f"expected 'answer' to end with a line '#### <number>', got {final!r}"
-        )
+        raise DataFormatError(path, line, f"expected 'answer' to end with a line '#### <number>', got {final!r}")
     answer = normalize_number(final)
     steps = CALCULATOR_ANNOTATION.sub("", rationale).strip()
     target = f" {steps}\n#### {answer}" if steps else f" #### {answer}"
@@ -62,14 +60,10 @@ def load_gsm8k(data_dir: Path | None = None, seed: int = 0) -> TaskData:
 
     The split is fixed (not drawn by `seed`) so validation numbers are comparable across runs.
     """
-    train_path, test_path = require_files(
-        benchmark_dir("gsm8k", data_dir), ["train.jsonl", "test.jsonl"], "gsm8k"
-    )
+    train_path, test_path = require_files(benchmark_dir("gsm8k", data_dir), ["train.jsonl", "test.jsonl"], "gsm8k")
     train = [gsm8k_example(record, train_path, line) for line, record in read_jsonl(train_path)]
     if len(train) <= VALIDATION_SIZE:
-        raise ValueError(
-            f"{train_path}: need more than {VALIDATION_SIZE} rows to hold out a validation split"
-        )
+        raise ValueError(f"{train_path}: need more than {VALIDATION_SIZE} rows to hold out a validation split")
     test = [gsm8k_example(record, test_path, line) for line, record in read_jsonl(test_path)]
     return TaskData(
         name="gsm8k",

@@ -205,14 +205,10 @@ def pubmedqa_example(record: dict[str, Any], path: Path, line: int) -> Example:
     question = require_str(record, "QUESTION", path, line)
     contexts = record.get("CONTEXTS")
     if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
-        raise DataFormatError(
-            path, line, f"expected 'CONTEXTS' to be a non-empty list of strings, got {contexts!r}"
-        )
+        raise DataFormatError(path, line, f"expected 'CONTEXTS' to be a non-empty list of strings, got {contexts!r}")
     decision = record.get("final_decision")
     if decision not in PUBMEDQA_ANSWERS:
-        raise DataFormatError(
-            path, line, f"expected 'final_decision' in {PUBMEDQA_ANSWERS}, got {decision!r}"
-        )
+        raise DataFormatError(path, line, f"expected 'final_decision' in {PUBMEDQA_ANSWERS}, got {decision!r}")
     prompt = f"Abstract: {' '.join(contexts)}\nQuestion: {question}\nAnswer:"
     return make_example(prompt, list(PUBMEDQA_ANSWERS), PUBMEDQA_ANSWERS.index(decision))
 
@@ -243,16 +239,12 @@ def _arc_parts(record: dict[str, Any], path: Path, line: int) -> tuple[str, list
     stem = require_str(question, "stem", path, line)
     choices = question.get("choices")
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-        raise DataFormatError(
-            path, line, "expected 'question.choices' to be a list of {'text', 'label'} objects"
-        )
+        raise DataFormatError(path, line, "expected 'question.choices' to be a list of {'text', 'label'} objects")
     texts = require_choices([c.get("text") for c in choices], path, line, "question.choices[].text")
     keys = [str(c.get("label")) for c in choices]
     answer = str(record.get("answerKey"))
     if answer not in keys:
-        raise DataFormatError(
-            path, line, f"expected 'answerKey' to be one of the choice labels {keys}, got {answer!r}"
-        )
+        raise DataFormatError(path, line, f"expected 'answerKey' to be one of the choice labels {keys}, got {answer!r}")
     return stem, texts, keys.index(answer)
 
 
@@ -269,9 +261,7 @@ def openbookqa_example(record: dict[str, Any], path: Path, line: int) -> Example
 
 def _published_splits(task: str, directory: Path, names: list[str], convert: RowConverter) -> TaskData:
     """Train/validation/test from the three published files, in that order."""
-    train, validation, test = (
-        _read_jsonl_examples(path, convert) for path in require_files(directory, names, task)
-    )
+    train, validation, test = (_read_jsonl_examples(path, convert) for path in require_files(directory, names, task))
     return TaskData(
         task,
         TaskKind.MULTIPLE_CHOICE,
@@ -350,9 +340,7 @@ def load_sciq(data_dir: Path | None = None, seed: int = 0) -> TaskData:
     suffix = ".jsonl" if (directory / "train.jsonl").is_file() else ".json"
     paths = require_files(directory, [f"{split}{suffix}" for split in ("train", "valid", "test")], "sciq")
     train, validation, test = (sciq_examples(path, seed) for path in paths)
-    return TaskData(
-        "sciq", TaskKind.MULTIPLE_CHOICE, train, validation, test, label_names=("A", "B", "C", "D")
-    )
+    return TaskData("sciq", TaskKind.MULTIPLE_CHOICE, train, validation, test, label_names=("A", "B", "C", "D"))
 
 
 def hellaswag_clean(text: str) -> str:
@@ -387,6 +375,4 @@ def load_hellaswag(data_dir: Path | None = None, seed: int = 0) -> TaskData:
     examples = _read_jsonl_examples(train_path, hellaswag_example)
     validation, train = carve(examples, [max(1, min(1000, len(examples) // 10))], seed)
     test = _read_jsonl_examples(val_path, hellaswag_example)
-    return TaskData(
-        "hellaswag", TaskKind.MULTIPLE_CHOICE, train, validation, test, label_names=letter_names(test)
-    )
+    return TaskData("hellaswag", TaskKind.MULTIPLE_CHOICE, train, validation, test, label_names=letter_names(test))

@@ -66,9 +66,7 @@ def test_csv_with_numbered_choice_columns_and_a_json_choices_column(tmp_path: Pa
     assert {e.choices for e in examples} == {(" a", " b"), (" c", " d", " e"), (" e", " f")}
     assert task.label_names == ("A", "B", "C")
     listed = tmp_path / "listed.csv"
-    listed.write_text(
-        'text,choices,label\nA?,"[""x"", ""y""]",1\nB?,"[""x"", ""y""]",0\nC?,"[""x"", ""y""]",0\n'
-    )
+    listed.write_text('text,choices,label\nA?,"[""x"", ""y""]",1\nB?,"[""x"", ""y""]",0\nC?,"[""x"", ""y""]",0\n')
     assert len(load_multiple_choice_file(listed).test) == 1
 
 
@@ -134,10 +132,7 @@ def test_empty_jsonl_is_an_error(tmp_path: Path) -> None:
 
 
 def test_piqa_prompt_and_carved_splits(tmp_path: Path) -> None:
-    rows = [
-        {"goal": f"Open jar {i}", "sol1": "twist lid ", "sol2": "hit lid", "label": i % 2}
-        for i in range(1300)
-    ]
+    rows = [{"goal": f"Open jar {i}", "sol1": "twist lid ", "sol2": "hit lid", "label": i % 2} for i in range(1300)]
     write_jsonl(tmp_path / "valid.jsonl", rows)
     task = load_piqa(tmp_path, seed=0)
     assert (len(task.train), len(task.validation), len(task.test)) == (1000, 200, 100)
@@ -170,13 +165,9 @@ def arc_row(stem: str, answer: str, labels: str = "ABCD") -> dict[str, Any]:
     return {"id": "x", "question": {"stem": stem, "choices": choices}, "answerKey": answer}
 
 
-@pytest.mark.parametrize(
-    ("loader", "prefix"), [(load_arc_easy, "ARC-Easy"), (load_arc_challenge, "ARC-Challenge")]
-)
+@pytest.mark.parametrize(("loader", "prefix"), [(load_arc_easy, "ARC-Easy"), (load_arc_challenge, "ARC-Challenge")])
 def test_arc_reads_the_release_files(tmp_path: Path, loader: Any, prefix: str) -> None:
-    write_jsonl(
-        tmp_path / f"{prefix}-Train.jsonl", [arc_row("Why?", "C"), arc_row("How?", "2", labels="1234")]
-    )
+    write_jsonl(tmp_path / f"{prefix}-Train.jsonl", [arc_row("Why?", "C"), arc_row("How?", "2", labels="1234")])
     write_jsonl(tmp_path / f"{prefix}-Dev.jsonl", [arc_row("Who?", "A", labels="ABC")])
     write_jsonl(tmp_path / f"{prefix}-Test.jsonl", [arc_row("What?", "E", labels="ABCDE")])
     task = loader(tmp_path, 0)
@@ -240,9 +231,7 @@ def test_hellaswag_applies_lm_eval_preprocessing(tmp_path: Path) -> None:
     assert (len(task.train), len(task.validation), len(task.test)) == (27, 3, 1)
     example = task.test[0]
     assert example.prompt == "Making a cake: A man mixes flour. Then he"
-    assert (
-        example.choices == (" bakes it. now.", " sings.", " sleeps well.", " leaves.") and example.label == 2
-    )
+    assert example.choices == (" bakes it. now.", " sings.", " sleeps well.", " leaves.") and example.label == 2
     assert hellaswag_clean(" A [header] B  C ") == "A B C"
     write_jsonl(tmp_path / "hellaswag_val.jsonl", [hellaswag_row(), hellaswag_row(4)])
     with pytest.raises(DataFormatError, match=r"hellaswag_val\.jsonl:2: .*out of range"):

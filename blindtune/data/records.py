@@ -33,13 +33,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataFormatError(
-                    path, line_number, f"expected one JSON object per line ({error})"
-                ) from None
+                raise DataFormatError(path, line_number, f"expected one JSON object per line ({error})") from None
             if not isinstance(record, dict):
-                raise DataFormatError(
-                    path, line_number, f"expected a JSON object, got {type(record).__name__}"
-                )
+                raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
             yield line_number, record
     if not seen_any:
         raise DataFormatError(path, 1, "file is empty: expected at least one example")
@@ -67,9 +63,7 @@ def require_label(value: Any, num_choices: int, path: Path, line: int, key: str 
 def require_choices(values: Any, path: Path, line: int, key: str = "choices") -> list[str]:
     """At least two non-empty strings: a single option cannot be scored against anything."""
     if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
-        raise DataFormatError(
-            path, line, f"expected {key!r} to be a list of non-empty strings, got {values!r}"
-        )
+        raise DataFormatError(path, line, f"expected {key!r} to be a list of non-empty strings, got {values!r}")
     if len(values) < 2:
         raise DataFormatError(path, line, f"expected at least 2 choices in {key!r}, got {len(values)}")
     return values

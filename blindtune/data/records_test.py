@@ -59,9 +59,7 @@ def test_shuffled_and_carve_are_deterministic_per_seed() -> None:
         carve(items, [25, 25], seed=1)
 
 
-def test_benchmark_dir_prefers_argument_then_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_benchmark_dir_prefers_argument_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert benchmark_dir("piqa", tmp_path) == tmp_path
     monkeypatch.setenv("BLINDTUNE_DATA_DIR", str(tmp_path))
     assert benchmark_dir("piqa", None) == tmp_path / "piqa"

@@ -8,6 +8,7 @@ into train / validation / test. Everything downstream (training, evaluation, par
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,13 @@ def load_task(name_or_path: str, data_dir: str | Path | None = None, seed: int =
     """Load a task by registered name, or a user's JSONL/CSV multiple-choice file by path.
 
     `data_dir` overrides where a registered task reads its files (e.g. `../shared/data/piqa`).
+    Loaded tasks are cached per process: every client and evaluator of a run parses the files once.
     """
+    return _load_task_cached(name_or_path, None if data_dir is None else str(data_dir), seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_task_cached(name_or_path: str, data_dir: str | None, seed: int) -> TaskData:
     _import_builtin_tasks()
     directory = Path(data_dir) if data_dir is not None else None
     if name_or_path in _TASKS:

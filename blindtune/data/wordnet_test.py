@@ -24,9 +24,7 @@ VERB_LINE = (
     "00001740 29 v 01 breathe 0 002 * 00005041 v 0000 + 03110323 a 0301 02 + 02 00 + 08 00 | "
     'draw air into, and expel out of, the lungs; "I can breathe better"  \n'
 )
-has_wordnet = pytest.mark.skipif(
-    not (DEFAULT_WORDNET_DIR / "data.noun").is_file(), reason="wordnet-base missing"
-)
+has_wordnet = pytest.mark.skipif(not (DEFAULT_WORDNET_DIR / "data.noun").is_file(), reason="wordnet-base missing")
 
 
 def test_lexnames_match_the_documented_numbers() -> None:
@@ -41,9 +39,7 @@ def test_read_synsets_parses_noun_and_verb_lines(tmp_path: Path) -> None:
     path = tmp_path / "data.mixed"
     path.write_text(HEADER + NOUN_LINE + VERB_LINE)
     dog, breathe = read_synsets(path)
-    assert dog == Synset(
-        5, ("dog", "domestic dog"), 'a member of the genus Canis; "the dog barked all night"'
-    )
+    assert dog == Synset(5, ("dog", "domestic dog"), 'a member of the genus Canis; "the dog barked all night"')
     assert breathe.lex_filenum == 29 and breathe.words == ("breathe",)
 
 

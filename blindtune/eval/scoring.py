@@ -2,8 +2,8 @@
 
 Multiple-choice scoring follows lm-evaluation-harness (the sum of the option tokens' log-probs given the
 prompt, optionally divided by the option's length in characters like its acc_norm), so accuracies are
-comparable with published numbers. Sequences are batched and sorted by length, and the LM head is
-applied only where a score is read: that head dominates the cost of a small model.
+comparable with published numbers. Sequences are batched and sorted by length, and the LM head (a large
+share of a small model's cost) is applied only where a score is read.
 """
 
 from __future__ import annotations
@@ -89,9 +89,7 @@ def evaluate_choices(
         _argmax(_normalize(scores, example.choices) if length_normalized else scores)
         for scores, example in zip(loglikelihoods, examples, strict=True)
     ]
-    correct = sum(
-        prediction == example.label for prediction, example in zip(predictions, examples, strict=True)
-    )
+    correct = sum(prediction == example.label for prediction, example in zip(predictions, examples, strict=True))
     return ChoiceEval(
         accuracy=correct / len(examples),
         num_examples=len(examples),
@@ -161,17 +159,14 @@ def evaluate_generation(
             torch.inference_mode(),
         ):
             for chunk in _chunks(order, batch_size):
-                texts = _generate(
-                    model, tokenizer, [examples[index].prompt for index in chunk], max_new_tokens
-                )
+                texts = _generate(model, tokenizer, [examples[index].prompt for index in chunk], max_new_tokens)
                 generated.update(zip(chunk, texts, strict=True))
                 bar.update(len(chunk))
     finally:
         tokenizer.padding_side = padding_side
     predictions = [generated[index] for index in range(len(examples))]
     correct = sum(
-        extract_final_number(text) == example.answer
-        for text, example in zip(predictions, examples, strict=True)
+        extract_final_number(text) == example.answer for text, example in zip(predictions, examples, strict=True)
     )
     return GenerationEval(
         accuracy=correct / len(examples),
@@ -188,14 +183,10 @@ def _check_choice_examples(examples: Sequence[Example]) -> None:
         if not example.choices:
             raise ValueError(f"example {index} has no choices: it is not a multiple-choice example")
         if not 0 <= example.label < len(example.choices):
-            raise ValueError(
-                f"example {index} has label {example.label} outside its {len(example.choices)} choices"
-            )
+            raise ValueError(f"example {index} has label {example.label} outside its {len(example.choices)} choices")
 
 
-def _single_token_options(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
-) -> list[list[int]] | None:
+def _single_token_options(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> list[list[int]] | None:
     """Per example, the token of each option; None unless every option is one token, distinct per example."""
     token_of: dict[str, list[int]] = {}  # tasks reuse the same few options: tokenise each string once
     per_example = []

@@ -77,9 +77,7 @@ def test_loglikelihoods_match_naive_reference(tiny: LoadedModel, examples: list[
         assert got == pytest.approx(naive_loglikelihoods(tiny, example), abs=1e-4)
     expected = [max(range(len(s)), key=s.__getitem__) for s in result.loglikelihoods]
     assert result.predictions == expected
-    assert result.accuracy == sum(p == e.label for p, e in zip(expected, examples, strict=True)) / len(
-        examples
-    )
+    assert result.accuracy == sum(p == e.label for p, e in zip(expected, examples, strict=True)) / len(examples)
     assert result.num_examples == len(examples)
 
 
@@ -152,9 +150,7 @@ def test_invalid_examples_are_rejected(tiny: LoadedModel) -> None:
     with pytest.raises(ValueError, match="no choices"):
         evaluate_choices(tiny.model, tiny.tokenizer, [Example("Q: 1+1?", " 2", answer="2")], progress=False)
     with pytest.raises(ValueError, match="label"):
-        evaluate_choices(
-            tiny.model, tiny.tokenizer, [Example("Q", " a", (" a", " b"), label=2)], progress=False
-        )
+        evaluate_choices(tiny.model, tiny.tokenizer, [Example("Q", " a", (" a", " b"), label=2)], progress=False)
 
 
 def test_perplexity_is_exp_of_token_weighted_nll(tiny: LoadedModel) -> None:
@@ -180,12 +176,8 @@ def test_generation_scores_the_extracted_answer(tiny: LoadedModel, monkeypatch: 
         Example("Question: 3+4?\nAnswer:", " 7", answer="7"),
         Example("Question: a much longer question about apples and oranges?\nAnswer:", " 42", answer="42"),
     ]
-    batched = evaluate_generation(
-        tiny.model, tiny.tokenizer, examples, max_new_tokens=4, batch_size=3, progress=False
-    )
-    single = evaluate_generation(
-        tiny.model, tiny.tokenizer, examples, max_new_tokens=4, batch_size=1, progress=False
-    )
+    batched = evaluate_generation(tiny.model, tiny.tokenizer, examples, max_new_tokens=4, batch_size=3, progress=False)
+    single = evaluate_generation(tiny.model, tiny.tokenizer, examples, max_new_tokens=4, batch_size=1, progress=False)
     assert batched.accuracy == pytest.approx(2 / 3)
     assert batched.num_examples == 3
     assert batched.predictions == single.predictions
@@ -206,7 +198,9 @@ def test_real_model_wordnet_supersense_200_examples_is_fast() -> None:
     elapsed = time.perf_counter() - started
     print(f"\n200 wordnet-supersense examples: {elapsed:.1f} s, accuracy {result.accuracy:.3f}")
     assert result.num_examples == 200
-    assert elapsed < 30
+    # About 15 s on an idle 2-core CPU (a loop over all 2,000 prompt+option sequences took ~220 s); the
+    # bound leaves room for a busy machine.
+    assert elapsed < 60
     # The fast path must agree with scoring every (prompt + option) sequence on the real model too.
     general = scoring._general_loglikelihoods(
         loaded.model, loaded.tokenizer, examples[:10], 32, 512, scoring.tqdm(disable=True)

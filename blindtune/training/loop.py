@@ -32,6 +32,8 @@ class TrainConfig:
     learning_rate: AdamW learning rate; weight_decay: AdamW weight decay.
     max_length: prompt+target tokens kept per example (the prompt is cut from the left).
     max_grad_norm: gradient clipping threshold (<= 0 disables it).
+    proximal_mu: FedProx's proximal weight: adds mu/2 * ||w - w_start||^2, w_start being the trainable
+        weights at the start of the call (the global model in a round). 0 disables it (plain FedAvg).
     """
 
     steps: int = 20
@@ -40,9 +42,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 256
     max_grad_norm: float = 1.0
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+        if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0 or self.proximal_mu < 0:
             raise ValueError(f"invalid training settings: {self}")
 
 
@@ -91,6 +94,7 @@ def train(
     if not parameters:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    start = [p.detach().clone() for p in parameters] if config.proximal_mu > 0 else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.train()
@@ -106,8 +110,9 @@ def train(
         loss = continuation_loss(model, batch)
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"{desc}: loss became {loss.item()} after {len(losses)} steps")
+        objective = loss + proximal_term(parameters, start, config.proximal_mu) if start else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
@@ -120,3 +125,8 @@ def train(
         tokens_seen=tokens,
         seconds=time.perf_counter() - started,
     )
+
+
+def proximal_term(parameters: Sequence[torch.Tensor], start: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: mu/2 * squared distance of the trainable weights from where the round started."""
+    return 0.5 * mu * sum(((p - p0) ** 2).sum() for p, p0 in zip(parameters, start, strict=True))  # type: ignore[return-value]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 from flwr.app import RecordDict
 
+from blindtune.federation.adapter_rounds import store_artefact, train_round
 from blindtune.federation.records import MessageKind
 from blindtune.methods import register_method
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
-from blindtune.methods.offsite import client
 from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.methods.offsite.server import adapter_layer_map, emulator_plan, run_server
 from blindtune.models import load_model
@@ -25,7 +24,10 @@ class OffsiteTuning:
         return run_server(run)
 
     def client(self, kind: MessageKind, content: RecordDict, run: ClientRun) -> RecordDict:
-        return client.handle(kind, content, run)
+        if kind is MessageKind.SETUP:
+            return store_artefact(content, run.workdir)
+        method: OffsiteConfig = run.config.method_config
+        return train_round(content, run.workdir, run.examples, method.adapter, run.config.train, run.partition_id)
 
     def centralized(self, inputs: BaselineInputs) -> float:
         """The same adapter layers trained directly on the full LLM with the pooled client data."""
@@ -33,8 +35,15 @@ class OffsiteTuning:
         llm = load_model(config.model)
         plan = emulator_plan(llm, config.method_config)
         adapted = attach_adapter(llm.model, {i: i for i in plan.adapter_layers}, config.method_config.adapter)
-        train(adapted.model, llm.tokenizer, inputs.pooled_examples(), inputs.same_budget(), seed=config.seed, progress=inputs.progress,
-              desc="centralized")
+        train(
+            adapted.model,
+            llm.tokenizer,
+            inputs.pooled_examples(),
+            inputs.same_budget(),
+            seed=config.seed,
+            progress=inputs.progress,
+            desc="centralized",
+        )
         return inputs.evaluate(adapted.model, llm.tokenizer, "centralized")
 
     def local_only(self, inputs: BaselineInputs) -> float:
@@ -44,8 +53,15 @@ class OffsiteTuning:
         plan = emulator_plan(llm, config.method_config)
         emulator = build_emulator(llm.model, plan)
         adapted = attach_adapter(emulator, adapter_layer_map(plan), config.method_config.adapter)
-        train(adapted.model, llm.tokenizer, inputs.client_examples[0], inputs.same_budget(), seed=config.seed,
-              progress=inputs.progress, desc="local only")
+        train(
+            adapted.model,
+            llm.tokenizer,
+            inputs.client_examples[0],
+            inputs.same_budget(),
+            seed=config.seed,
+            progress=inputs.progress,
+            desc="local only",
+        )
         with plugged_in(llm.model, adapted.state(), config.method_config.adapter) as plugged:
             return inputs.evaluate(plugged, llm.tokenizer, "local only")
 

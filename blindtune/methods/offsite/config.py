@@ -16,6 +16,6 @@ class OffsiteConfig:
     adapter: what is trained on the adapter layers (full layers or LoRA).
     """
 
-    adapter_layers_per_side: int = 2
+    adapter_layers_per_side: int = 3
     middle_keep_every: int = 3
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -1,6 +1,6 @@
 """Offsite tuning, server side.
 
-    blindtune run configs/offsite_wordnet_3clients.yaml --out runs/offsite
+    blindtune run blindtune/configs/offsite_wordnet_3clients.yaml --out runs/offsite
 
 1. Build the emulator: the LLM with its middle block uniformly sub-sampled; the bottom/top k layers
    (the adapter) are kept intact so a trained adapter fits the LLM again.
@@ -12,31 +12,16 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
-from flwr.app import ConfigRecord, RecordDict
-
 from blindtune.data import load_task
-from blindtune.eval.tasks import evaluate_examples
-from blindtune.federation.aggregation import ClientUpdate, fedavg, screen
-from blindtune.federation.checkpoint import save_checkpoint
-from blindtune.federation.records import MessageKind, RecordKey, record_to_tensors, tensors_to_record
-from blindtune.federation.rounds import TooFewClientsError
+from blindtune.federation.adapter_rounds import RoundSettings, hand_out, run_rounds
 from blindtune.methods.base import ServerRun
 from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.models import load_model
-from blindtune.models.adapters import plugged_in, untrained_adapter_state
-from blindtune.models.artefact import describe, unique_state_dict
+from blindtune.models.adapters import AdapterState, plugged_in, untrained_adapter_state
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
-
-log = logging.getLogger(__name__)
-
-ADAPTER_POSITIONS = "adapter_positions"
-ADAPTER_SOURCES = "adapter_sources"
-ROUND = "round"
-SEED = "seed"
 
 
 def emulator_plan(llm: LoadedModel, method: OffsiteConfig) -> LayerPlan:
@@ -52,86 +37,36 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     config = run.config
     method: OffsiteConfig = config.method_config
     llm = load_model(config.model)
-    task = load_task(config.task, config.data_dir, seed=config.seed)
-    test = task.test[: config.eval.limit]
-
-    def evaluate(model: Any, desc: str) -> float:
-        return evaluate_examples(
-            model,
-            llm.tokenizer,
-            test,
-            task.kind,
-            batch_size=config.eval.batch_size,
-            length_normalized=config.eval.length_normalized,
-            progress=run.progress,
-            desc=desc,
-        )
+    evaluate = config.eval.evaluator(load_task(config.task, config.data_dir, seed=config.seed), run.progress)
 
     plan = emulator_plan(llm, method)
-    emulator = build_emulator(llm.model, plan)
-    metrics: dict[str, float] = {"llm_zero_shot": evaluate(llm.model, "LLM zero-shot")}
-    metrics["emulator_zero_shot"] = evaluate(emulator, "emulator zero-shot")
-
+    emulator = LoadedModel(build_emulator(llm.model, plan), llm.tokenizer, "emulator")
+    metrics = {
+        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot"),
+        "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
+    }
     layer_map = adapter_layer_map(plan)
-    global_state = untrained_adapter_state(copy.deepcopy(emulator), layer_map, method.adapter, config.seed)
-    exchange = run.exchange
-    nodes = exchange.node_ids()
-    setup = RecordDict(
-        {
-            RecordKey.ARTEFACT: tensors_to_record(unique_state_dict(emulator)),
-            RecordKey.ARTEFACT_SPEC: ConfigRecord({"json": describe(LoadedModel(emulator, llm.tokenizer, "")).to_json()}),
-            RecordKey.INSTRUCTIONS: ConfigRecord(
-                {ADAPTER_POSITIONS: list(layer_map), ADAPTER_SOURCES: list(layer_map.values())}
-            ),
-        }
-    )
+    initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
+    hand_out(run.exchange, emulator, layer_map, config.federation.required_replies)
     del emulator
-    exchange.send(MessageKind.SETUP, lambda _: setup, nodes, 0, config.federation.required_replies)
 
-    history: list[dict[str, Any]] = []
-    client_rows: list[dict[str, Any]] = []
-    for round_number in range(1, config.federation.rounds + 1):
-        content = RecordDict(
-            {
-                RecordKey.ADAPTER: tensors_to_record(global_state),
-                RecordKey.INSTRUCTIONS: ConfigRecord({ROUND: round_number, SEED: config.seed}),
-            }
-        )
-        replies = exchange.send(
-            MessageKind.TRAIN, lambda _: content, nodes, round_number, config.federation.required_replies
-        )
-        updates = [
-            ClientUpdate(node, record_to_tensors(reply[RecordKey.ADAPTER]), int(reply[RecordKey.METRICS]["num_examples"]))
-            for node, reply in replies.items()
-        ]
-        kept, rejected = screen(updates, global_state, config.federation.max_update_norm_ratio)
-        for rejection in rejected:
-            exchange.fail(round_number, rejection.node_id, rejection.reason)
-        if len(kept) < config.federation.required_replies:
-            raise TooFewClientsError(f"round {round_number}: only {len(kept)} usable client updates")
-        global_state = fedavg(kept)
-        save_checkpoint(run.out_dir / "checkpoints", round_number, global_state, {"method": config.method})
+    def evaluate_plugin(state: AdapterState, round_number: int) -> float:
+        with plugged_in(llm.model, state, method.adapter) as adapted:
+            return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
 
-        kept_nodes = {u.node_id for u in kept}
-        for node, reply in replies.items():
-            client_metrics = dict(reply[RecordKey.METRICS])
-            client_rows.append({"round": round_number, "node_id": node, "used": node in kept_nodes, **client_metrics})
-        row: dict[str, Any] = {
-            "round": round_number,
-            "train_loss": sum(float(replies[u.node_id][RecordKey.METRICS]["train_loss"]) for u in kept) / len(kept),
-            "bytes_to_clients": exchange.ledger.bytes_by_round[round_number]["to_clients"],
-            "bytes_to_server": exchange.ledger.bytes_by_round[round_number]["to_server"],
-        }
-        if config.eval.every_round or round_number == config.federation.rounds:
-            with plugged_in(llm.model, global_state, method.adapter) as adapted:
-                row["plugin"] = evaluate(adapted, f"plug-in round {round_number}")
-        log.info("round %d: %s", round_number, row)
-        history.append(row)
-
-    metrics["plugin"] = history[-1]["plugin"]
+    settings = RoundSettings(
+        rounds=config.federation.rounds,
+        min_replies=config.federation.required_replies,
+        max_update_norm_ratio=config.federation.max_update_norm_ratio,
+        seed=config.seed,
+        evaluate_every_round=config.eval.every_round,
+        checkpoint_dir=run.out_dir / "checkpoints",
+    )
+    outcome = run_rounds(run.exchange, initial, settings, evaluate_plugin)
+    metrics["plugin"] = outcome.history[-1]["plugin"]
     return {
         "metrics": metrics,
-        "history": history,
-        "clients": client_rows,
+        "history": outcome.history,
+        "clients": outcome.clients,
         "emulator": {"llm_layers": plan.num_llm_layers, "emulator_layers": list(plan.emulator_layers)},
     }

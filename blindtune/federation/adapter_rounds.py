@@ -1,0 +1,189 @@
+"""Rounds shared by every method whose clients train an adapter on a model the server hands out
+(offsite tuning's emulator, LLEOT's elevated emulator, ...).
+
+Server: `hand_out` sends the artefact once; `run_rounds` sends the global adapter, collects the
+clients' adapters, screens and aggregates them, checkpoints, and lets the method evaluate.
+Client: `store_artefact` answers the setup message; `train_round` answers each round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from blindtune.data import Example
+from blindtune.federation.aggregation import ClientUpdate, fedavg, screen
+from blindtune.federation.checkpoint import save_checkpoint
+from blindtune.federation.records import MessageKind, RecordKey, record_to_tensors, tensors_to_record
+from blindtune.federation.rounds import Exchange, TooFewClientsError
+from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
+from blindtune.models.artefact import ArtefactSpec, describe, load_artefact, save_artefact, unique_state_dict
+from blindtune.models.loading import LoadedModel
+from blindtune.training import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+ADAPTER_POSITIONS = "adapter_positions"
+ADAPTER_SOURCES = "adapter_sources"
+ROUND = "round"
+SEED = "seed"
+_LAYER_MAP_FILE = "adapter_layers.json"
+
+
+# ---- server side -------------------------------------------------------------------------------
+
+
+def hand_out(exchange: Exchange, artefact: LoadedModel, layer_map: dict[int, int], min_replies: int) -> None:
+    """Send the artefact (weights, config, tokenizer) and its adapter layer map to every client."""
+    setup = RecordDict(
+        {
+            RecordKey.ARTEFACT: tensors_to_record(unique_state_dict(artefact.model)),
+            RecordKey.ARTEFACT_SPEC: ConfigRecord({"json": describe(artefact).to_json()}),
+            RecordKey.INSTRUCTIONS: ConfigRecord(
+                {ADAPTER_POSITIONS: list(layer_map), ADAPTER_SOURCES: list(layer_map.values())}
+            ),
+        }
+    )
+    exchange.send(MessageKind.SETUP, lambda _: setup, exchange.node_ids(), 0, min_replies)
+
+
+@dataclass
+class RoundSettings:
+    rounds: int
+    min_replies: int
+    max_update_norm_ratio: float
+    seed: int
+    evaluate_every_round: bool
+    checkpoint_dir: Path
+
+
+@dataclass
+class RoundsOutcome:
+    state: AdapterState
+    history: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_rounds(
+    exchange: Exchange,
+    initial_state: AdapterState,
+    settings: RoundSettings,
+    evaluate: Callable[[AdapterState, int], float],
+) -> RoundsOutcome:
+    """Federated rounds of adapter training; `evaluate(state, round)` scores the plugged-in LLM."""
+    outcome = RoundsOutcome(state=initial_state)
+    nodes = exchange.node_ids()
+    for round_number in range(1, settings.rounds + 1):
+        content = RecordDict(
+            {
+                RecordKey.ADAPTER: tensors_to_record(outcome.state),
+                RecordKey.INSTRUCTIONS: ConfigRecord({ROUND: round_number, SEED: settings.seed}),
+            }
+        )
+        replies = exchange.send(
+            MessageKind.TRAIN, lambda _, content=content: content, nodes, round_number, settings.min_replies
+        )
+        updates = [
+            ClientUpdate(
+                node,
+                record_to_tensors(reply[RecordKey.ADAPTER]),
+                int(reply[RecordKey.METRICS]["num_examples"]),
+            )
+            for node, reply in replies.items()
+        ]
+        kept, rejected = screen(updates, outcome.state, settings.max_update_norm_ratio)
+        for rejection in rejected:
+            exchange.fail(round_number, rejection.node_id, rejection.reason)
+        if len(kept) < settings.min_replies:
+            raise TooFewClientsError(
+                f"round {round_number}: {len(kept)} usable client updates, {settings.min_replies} required"
+            )
+        outcome.state = fedavg(kept)
+        save_checkpoint(settings.checkpoint_dir, round_number, outcome.state, {"seed": settings.seed})
+
+        kept_nodes = {update.node_id for update in kept}
+        for node, reply in replies.items():
+            outcome.clients.append(
+                {
+                    "round": round_number,
+                    "node_id": node,
+                    "used": node in kept_nodes,
+                    **dict(reply[RecordKey.METRICS]),
+                }
+            )
+        losses = [float(replies[node][RecordKey.METRICS]["train_loss"]) for node in kept_nodes]
+        bytes_this_round = exchange.ledger.bytes_by_round[round_number]
+        row: dict[str, Any] = {
+            "round": round_number,
+            "train_loss": sum(losses) / len(losses),
+            "bytes_to_clients": bytes_this_round["to_clients"],
+            "bytes_to_server": bytes_this_round["to_server"],
+        }
+        if settings.evaluate_every_round or round_number == settings.rounds:
+            row["plugin"] = evaluate(outcome.state, round_number)
+        log.info("round %d: %s", round_number, row)
+        outcome.history.append(row)
+    return outcome
+
+
+# ---- client side -------------------------------------------------------------------------------
+
+
+def store_artefact(content: RecordDict, workdir: Path) -> RecordDict:
+    """Keep the handed-out artefact and its adapter layer map in the client's work directory."""
+    spec = ArtefactSpec.from_json(str(content[RecordKey.ARTEFACT_SPEC]["json"]))
+    tensors = record_to_tensors(content[RecordKey.ARTEFACT])
+    save_artefact(workdir, spec, tensors)
+    instructions = content[RecordKey.INSTRUCTIONS]
+    positions = [int(p) for p in instructions[ADAPTER_POSITIONS]]  # type: ignore[union-attr]
+    sources = [int(s) for s in instructions[ADAPTER_SOURCES]]  # type: ignore[union-attr]
+    (workdir / _LAYER_MAP_FILE).write_text(json.dumps(dict(zip(positions, sources, strict=True))))
+    return RecordDict(
+        {RecordKey.METRICS: MetricRecord({"artefact_parameters": sum(t.numel() for t in tensors.values())})}
+    )
+
+
+def train_round(
+    content: RecordDict,
+    workdir: Path,
+    examples: list[Example],
+    adapter: AdapterConfig,
+    train_config: TrainConfig,
+    client_index: int,
+) -> RecordDict:
+    """Load the stored artefact, attach the global adapter, train on private examples, reply."""
+    artefact = load_artefact(workdir)
+    layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
+    adapted = attach_adapter(artefact.model, layer_map, adapter)
+    adapted.load_state(record_to_tensors(content[RecordKey.ADAPTER]))
+    instructions = content[RecordKey.INSTRUCTIONS]
+    round_number = int(instructions[ROUND])  # type: ignore[arg-type]
+    stats = train(
+        adapted.model,
+        artefact.tokenizer,
+        examples,
+        train_config,
+        seed=int(instructions[SEED]) * 1_000_003 + round_number * 1009 + client_index,  # type: ignore[arg-type]
+        progress=False,
+        desc=f"client {client_index} round {round_number}",
+    )
+    return RecordDict(
+        {
+            RecordKey.ADAPTER: tensors_to_record(adapted.state()),
+            RecordKey.METRICS: MetricRecord(
+                {
+                    "num_examples": len(examples),
+                    "examples_seen": stats.examples_seen,
+                    "train_loss": stats.mean_loss,
+                    "train_seconds": stats.seconds,
+                    "train_tokens": stats.tokens_seen,
+                }
+            ),
+        }
+    )
