@@ -31,7 +31,7 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool) -> None:
+def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool, resume: bool = False) -> None:
     from blindtune.report import rich_table
     from blindtune.runner import run_experiment
 
@@ -42,7 +42,7 @@ def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool) ->
         console.print(f"[red]config error:[/red] {error}")
         raise typer.Exit(2) from None
     console.print(f"running [bold]{config.method}[/bold] on [bold]{config.task}[/bold] -> {out}")
-    results = run_experiment(config, out)
+    results = run_experiment(config, out, resume=resume)
     console.print(rich_table(results))
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
 
@@ -62,11 +62,12 @@ def run(
     config: Annotated[Path, typer.Argument(help="A run config YAML (see blindtune/configs/).")],
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/run"),
     engine: Annotated[str | None, typer.Option(help="Override federation.engine: simulation or inprocess.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment a YAML config describes."""
     overrides = {"federation": {"engine": engine}} if engine else None
-    _run(config, out, overrides, verbose)
+    _run(config, out, overrides, verbose, resume)
 
 
 @app.command("eval")
@@ -143,3 +144,7 @@ def main() -> None:
     ) as error:
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

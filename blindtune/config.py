@@ -23,6 +23,7 @@ from blindtune.data import TaskData
 from blindtune.data.partition import PartitionScheme
 from blindtune.eval.tasks import TaskEvaluator
 from blindtune.federation.engine import Engine
+from blindtune.federation.strategies import StrategyName
 from blindtune.models.loading import DEFAULT_MODEL
 from blindtune.training.loop import TrainConfig
 
@@ -45,6 +46,12 @@ class FederationConfig:
     engine: `simulation` (Flower's simulation engine) or `inprocess` (same apps, no Ray; for tests).
     max_update_norm_ratio: updates whose norm exceeds this multiple of the median are rejected.
     client_timeout_seconds: a client that has not replied by then is dropped from the round.
+    strategy: aggregation: `fedavg`, `fedprox`, `ffa_lora` (A frozen, only B trained and sent) or
+        `flora` (stacked LoRA products, allows per-client ranks).
+    proximal_mu: FedProx's proximal weight (strategy `fedprox`).
+    client_lora_ranks: per-client LoRA ranks, client i gets entry i mod length (`flora` only; empty:
+        every client uses the adapter's rank).
+    client_batch_sizes: per-client batch sizes, client i gets entry i mod length (empty: train.batch_size).
     """
 
     num_clients: int = 3
@@ -55,12 +62,26 @@ class FederationConfig:
     engine: Engine = Engine.SIMULATION
     max_update_norm_ratio: float = 10.0
     client_timeout_seconds: float | None = None
+    strategy: StrategyName = StrategyName.FEDAVG
+    proximal_mu: float = 0.0
+    client_lora_ranks: list[int] = field(default_factory=list)
+    client_batch_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_clients < 1 or self.rounds < 1:
             raise ConfigError("federation.num_clients and federation.rounds must be >= 1")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.num_clients:
             raise ConfigError("federation.min_clients must be between 1 and num_clients")
+        if len(set(self.client_lora_ranks)) > 1 and self.strategy is not StrategyName.FLORA:
+            raise ConfigError("federation.client_lora_ranks with different ranks needs strategy: flora")
+        if any(r < 1 for r in self.client_lora_ranks) or any(b < 1 for b in self.client_batch_sizes):
+            raise ConfigError("federation.client_lora_ranks and client_batch_sizes must be >= 1")
+
+    def client_rank(self, client: int) -> int | None:
+        return self.client_lora_ranks[client % len(self.client_lora_ranks)] if self.client_lora_ranks else None
+
+    def client_batch_size(self, client: int, default: int) -> int:
+        return self.client_batch_sizes[client % len(self.client_batch_sizes)] if self.client_batch_sizes else default
 
     @property
     def required_replies(self) -> int:

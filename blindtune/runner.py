@@ -25,14 +25,24 @@ class RunFailedError(RuntimeError):
     """The federation did not complete; results.json says why."""
 
 
-def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Run `config`, write `out_dir/results.json` and `out_dir/report.md`, and return the results."""
+def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run `config`, write `out_dir/results.json` and `out_dir/report.md`, and return the results.
+
+    With `resume`, continue the interrupted run in `out_dir` after its last complete round; the config
+    must be the one that run used.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    config_file = out_dir / "config.json"
+    if resume:
+        if not config_file.is_file():
+            raise RunFailedError(f"nothing to resume in {out_dir}: no config.json")
+        if json.loads(config_file.read_text()) != config.to_dict():
+            raise RunFailedError(f"{config_file} differs from the given config: resume needs the same settings")
+    config_file.write_text(json.dumps(config.to_dict(), indent=2))
     started = time.perf_counter()
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
-    server_app, client_app = build_apps(config, out_dir, progress)
+    server_app, client_app = build_apps(config, out_dir, progress, resume)
     run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine)
     if not federation_file.is_file():
         raise RunFailedError(f"the federation ended without writing {federation_file}")

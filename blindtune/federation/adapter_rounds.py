@@ -8,6 +8,7 @@ Client: `store_artefact` answers the setup message; `train_round` answers each r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from torch import nn
 
 from blindtune.data import Example
-from blindtune.federation.aggregation import ClientUpdate, fedavg, screen
-from blindtune.federation.checkpoint import save_checkpoint
+from blindtune.federation.aggregation import ClientUpdate
+from blindtune.federation.checkpoint import latest_checkpoint, save_checkpoint
 from blindtune.federation.records import MessageKind, RecordKey, record_to_tensors, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
-from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
+from blindtune.federation.strategies import FedAvg
+from blindtune.models.adapters import AdapterState
 from blindtune.models.artefact import ArtefactSpec, describe, load_artefact, save_artefact, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.training import TrainConfig, train
@@ -33,6 +36,7 @@ ADAPTER_POSITIONS = "adapter_positions"
 ADAPTER_SOURCES = "adapter_sources"
 ROUND = "round"
 SEED = "seed"
+PROXIMAL_MU = "proximal_mu"
 _LAYER_MAP_FILE = "adapter_layers.json"
 
 
@@ -61,6 +65,7 @@ class RoundSettings:
     seed: int
     evaluate_every_round: bool
     checkpoint_dir: Path
+    resume: bool = False  # continue after the last complete checkpoint in checkpoint_dir
 
 
 @dataclass
@@ -74,16 +79,27 @@ def run_rounds(
     exchange: Exchange,
     initial_state: AdapterState,
     settings: RoundSettings,
-    evaluate: Callable[[AdapterState, int], float],
+    strategy: FedAvg,
+    llm: nn.Module,
+    evaluate: Callable[[nn.Module, int], float],
 ) -> RoundsOutcome:
-    """Federated rounds of adapter training; `evaluate(state, round)` scores the plugged-in LLM."""
-    outcome = RoundsOutcome(state=initial_state)
+    """Federated rounds of adapter training; `evaluate(model, round)` scores the LLM with the global
+    adapter plugged in (however the strategy plugs it)."""
+    outcome = RoundsOutcome(state=strategy.initial_global(initial_state))
+    first_round = 1
+    if settings.resume and (checkpoint := latest_checkpoint(settings.checkpoint_dir)) is not None:
+        last_round, outcome.state, meta = checkpoint
+        outcome.history, outcome.clients = meta["history"], meta["clients"]
+        first_round = last_round + 1
+        log.info("resuming after round %d from %s", last_round, settings.checkpoint_dir)
     nodes = exchange.node_ids()
-    for round_number in range(1, settings.rounds + 1):
+    for round_number in range(first_round, settings.rounds + 1):
         content = RecordDict(
             {
                 RecordKey.ADAPTER: tensors_to_record(outcome.state),
-                RecordKey.INSTRUCTIONS: ConfigRecord({ROUND: round_number, SEED: settings.seed}),
+                RecordKey.INSTRUCTIONS: ConfigRecord(
+                    {ROUND: round_number, SEED: settings.seed, PROXIMAL_MU: strategy.proximal_mu}
+                ),
             }
         )
         replies = exchange.send(
@@ -97,15 +113,14 @@ def run_rounds(
             )
             for node, reply in replies.items()
         ]
-        kept, rejected = screen(updates, outcome.state, settings.max_update_norm_ratio)
+        kept, rejected = strategy.screen(updates, outcome.state, settings.max_update_norm_ratio)
         for rejection in rejected:
             exchange.fail(round_number, rejection.node_id, rejection.reason)
         if len(kept) < settings.min_replies:
             raise TooFewClientsError(
                 f"round {round_number}: {len(kept)} usable client updates, {settings.min_replies} required"
             )
-        outcome.state = fedavg(kept)
-        save_checkpoint(settings.checkpoint_dir, round_number, outcome.state, {"seed": settings.seed})
+        outcome.state = strategy.aggregate(kept, outcome.state)
 
         kept_nodes = {update.node_id for update in kept}
         for node, reply in replies.items():
@@ -126,9 +141,13 @@ def run_rounds(
             "bytes_to_server": bytes_this_round["to_server"],
         }
         if settings.evaluate_every_round or round_number == settings.rounds:
-            row["plugin"] = evaluate(outcome.state, round_number)
+            with strategy.plugged_in(llm, outcome.state) as adapted:
+                row["plugin"] = evaluate(adapted, round_number)
         log.info("round %d: %s", round_number, row)
         outcome.history.append(row)
+        # Written last, so a checkpoint exists only for a round that finished completely.
+        meta = {"seed": settings.seed, "history": outcome.history, "clients": outcome.clients}
+        save_checkpoint(settings.checkpoint_dir, round_number, outcome.state, meta)
     return outcome
 
 
@@ -153,23 +172,28 @@ def train_round(
     content: RecordDict,
     workdir: Path,
     examples: list[Example],
-    adapter: AdapterConfig,
+    strategy: FedAvg,
     train_config: TrainConfig,
     client_index: int,
+    lora_rank: int | None = None,
 ) -> RecordDict:
-    """Load the stored artefact, attach the global adapter, train on private examples, reply."""
+    """Load the stored artefact, attach the global adapter as the strategy says, train on private
+    examples, reply with the trained part of the adapter."""
     artefact = load_artefact(workdir)
     layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
-    adapted = attach_adapter(artefact.model, layer_map, adapter)
-    adapted.load_state(record_to_tensors(content[RecordKey.ADAPTER]))
     instructions = content[RecordKey.INSTRUCTIONS]
+    seed = int(instructions[SEED])  # type: ignore[arg-type]
     round_number = int(instructions[ROUND])  # type: ignore[arg-type]
+    adapted = strategy.prepare_client(
+        artefact.model, record_to_tensors(content[RecordKey.ADAPTER]), layer_map, lora_rank, seed
+    )
+    train_config = dataclasses.replace(train_config, proximal_mu=float(instructions[PROXIMAL_MU]))  # type: ignore[arg-type]
     stats = train(
         adapted.model,
         artefact.tokenizer,
         examples,
         train_config,
-        seed=int(instructions[SEED]) * 1_000_003 + round_number * 1009 + client_index,  # type: ignore[arg-type]
+        seed=seed * 1_000_003 + round_number * 1009 + client_index,
         progress=False,
         desc=f"client {client_index} round {round_number}",
     )

@@ -50,17 +50,24 @@ def screen(
             rejected.append(Rejection(update.node_id, f"reported {update.num_examples} examples"))
             continue
         valid.append(update)
-    if len(valid) >= 3:  # a median needs company to say what is absurd
-        norms = [update_norm(u.state, global_state) for u in valid]
-        median = sorted(norms)[len(norms) // 2]
-        kept = []
-        for update, norm in zip(valid, norms, strict=True):
-            if median > 0 and norm > max_norm_ratio * median:
-                rejected.append(Rejection(update.node_id, f"update norm {norm:.3g} > {max_norm_ratio} x median"))
-            else:
-                kept.append(update)
-        valid = kept
-    return valid, rejected
+    norms = [update_norm(u.state, global_state) for u in valid]
+    return split_outliers(valid, norms, max_norm_ratio, rejected)
+
+
+def split_outliers(
+    updates: list[ClientUpdate], norms: list[float], max_norm_ratio: float, rejected: list[Rejection]
+) -> tuple[list[ClientUpdate], list[Rejection]]:
+    """Reject updates whose norm exceeds `max_norm_ratio` x the median (needs >= 3 to say what is absurd)."""
+    if len(updates) < 3:
+        return updates, rejected
+    median = sorted(norms)[len(norms) // 2]
+    kept = []
+    for update, norm in zip(updates, norms, strict=True):
+        if median > 0 and norm > max_norm_ratio * median:
+            rejected.append(Rejection(update.node_id, f"update norm {norm:.3g} > {max_norm_ratio} x median"))
+        else:
+            kept.append(update)
+    return kept, rejected
 
 
 def fedavg(updates: list[ClientUpdate]) -> AdapterState:

@@ -36,7 +36,9 @@ def client_partitions(config: RunConfig) -> list[list[Example]]:
     return partition(task.train, federation.num_clients, federation.partition, federation.dirichlet_alpha, config.seed)
 
 
-def build_apps(config: RunConfig, out_dir: Path, progress: bool = True) -> tuple[ServerApp, ClientApp]:
+def build_apps(
+    config: RunConfig, out_dir: Path, progress: bool = True, resume: bool = False
+) -> tuple[ServerApp, ClientApp]:
     method = get_method(config.method)
     server_app = ServerApp()
     client_app = ClientApp()
@@ -45,7 +47,7 @@ def build_apps(config: RunConfig, out_dir: Path, progress: bool = True) -> tuple
     def server_main(grid: Grid, context: Context) -> None:
         exchange = Exchange(grid, timeout_seconds=config.federation.client_timeout_seconds)
         try:
-            result = method.server(ServerRun(config, exchange, out_dir, progress))
+            result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             result["status"] = "completed"
         except Exception as error:  # record why the run stopped, then let the engine see the error
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}

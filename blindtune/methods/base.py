@@ -32,6 +32,7 @@ class ServerRun:
     exchange: Exchange
     out_dir: Path
     progress: bool = True
+    resume: bool = False  # continue after the last complete round checkpointed in out_dir
 
 
 @dataclass

@@ -4,33 +4,9 @@ import json
 
 import pytest
 
-from blindtune.config import run_config_from_dict
+from blindtune.conftest import tiny_run_config
 from blindtune.methods import method_names
-from blindtune.models import tiny_model
 from blindtune.runner import run_experiment
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-model")
-    loaded = tiny_model(num_layers=8, hidden_size=32)
-    loaded.model.save_pretrained(directory)
-    loaded.tokenizer.save_pretrained(directory)
-    return directory
-
-
-def tiny_run_config(method: str, model_dir, **overrides):
-    data = {
-        "method": method,
-        "model": str(model_dir),
-        "task": "wordnet-supersense",
-        "federation": {"num_clients": 2, "rounds": 2, "engine": "inprocess"},
-        "train": {"steps": 2, "batch_size": 4, "max_length": 64},
-        "eval": {"limit": 12, "batch_size": 6},
-        "baselines": {"centralized": True, "local_only": True},
-    }
-    data.update(overrides)
-    return run_config_from_dict(data)
 
 
 @pytest.mark.parametrize("method", method_names())

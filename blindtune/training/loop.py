@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,15 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss; the update must not leave this party."""
 
 
+class PrivateTrainingRequiredError(RuntimeError):
+    """Plain (non-DP) training was called where the party's privacy policy demands DP-SGD."""
+
+
+# Set, to the reason, while a party's privacy policy demands DP-SGD (see `blindtune.privacy.context`):
+# `train` then refuses to run, so code that bypasses the DP trainer fails instead of training without DP.
+private_training_required: ContextVar[str | None] = ContextVar("private_training_required", default=None)
+
+
 def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
     """`steps` batches drawn by cycling through seeded shuffles (epochs) of `examples`."""
     if not examples:
@@ -90,6 +100,8 @@ def train(
     desc: str = "train",
 ) -> TrainStats:
     """Run `config.steps` AdamW steps on the model's trainable parameters."""
+    if (reason := private_training_required.get()) is not None:
+        raise PrivateTrainingRequiredError(f"{desc}: plain training refused: {reason}")
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no trainable parameters")

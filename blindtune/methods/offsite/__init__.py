@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import RecordDict
 
 from blindtune.federation.adapter_rounds import store_artefact, train_round
 from blindtune.federation.records import MessageKind
+from blindtune.federation.strategies import build_strategy
 from blindtune.methods import register_method
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
 from blindtune.methods.offsite.config import OffsiteConfig
@@ -27,7 +30,20 @@ class OffsiteTuning:
         if kind is MessageKind.SETUP:
             return store_artefact(content, run.workdir)
         method: OffsiteConfig = run.config.method_config
-        return train_round(content, run.workdir, run.examples, method.adapter, run.config.train, run.partition_id)
+        federation = run.config.federation
+        strategy = build_strategy(federation.strategy, method.adapter, federation.proximal_mu)
+        train_config = dataclasses.replace(
+            run.config.train, batch_size=federation.client_batch_size(run.partition_id, run.config.train.batch_size)
+        )
+        return train_round(
+            content,
+            run.workdir,
+            run.examples,
+            strategy,
+            train_config,
+            run.partition_id,
+            federation.client_rank(run.partition_id),
+        )
 
     def centralized(self, inputs: BaselineInputs) -> float:
         """The same adapter layers trained directly on the full LLM with the pooled client data."""

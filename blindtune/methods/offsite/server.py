@@ -14,12 +14,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from torch import nn
+
 from blindtune.data import load_task
 from blindtune.federation.adapter_rounds import RoundSettings, hand_out, run_rounds
+from blindtune.federation.strategies import build_strategy
 from blindtune.methods.base import ServerRun
 from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.models import load_model
-from blindtune.models.adapters import AdapterState, plugged_in, untrained_adapter_state
+from blindtune.models.adapters import untrained_adapter_state
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
 
@@ -50,9 +53,8 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     hand_out(run.exchange, emulator, layer_map, config.federation.required_replies)
     del emulator
 
-    def evaluate_plugin(state: AdapterState, round_number: int) -> float:
-        with plugged_in(llm.model, state, method.adapter) as adapted:
-            return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
+    def evaluate_plugin(adapted: nn.Module, round_number: int) -> float:
+        return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
 
     settings = RoundSettings(
         rounds=config.federation.rounds,
@@ -61,8 +63,10 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         seed=config.seed,
         evaluate_every_round=config.eval.every_round,
         checkpoint_dir=run.out_dir / "checkpoints",
+        resume=run.resume,
     )
-    outcome = run_rounds(run.exchange, initial, settings, evaluate_plugin)
+    strategy = build_strategy(config.federation.strategy, method.adapter, config.federation.proximal_mu)
+    outcome = run_rounds(run.exchange, initial, settings, strategy, llm.model, evaluate_plugin)
     metrics["plugin"] = outcome.history[-1]["plugin"]
     return {
         "metrics": metrics,

@@ -1,0 +1,139 @@
+"""The Flower App that SuperLinks and SuperNodes load: `blindtune.federation.flower_app:server_app` / `client_app`.
+
+In a deployment the apps cannot be built in advance, because the run's `RunConfig` only arrives with
+the run: it travels in the run config (`[tool.flwr.app.config]` in pyproject.toml, overridden by
+`flwr run --run-config`), so every process rebuilds the same apps with `build_apps` from its
+`Context`. Run config keys:
+
+- `blindtune-config`: a `RunConfig.to_json()` string; when empty, `config-file` is loaded instead;
+- `config-file`: a run config YAML: a path, or the name of a config packaged in `blindtune/configs/`;
+- `out-dir`: where the server writes `federation.json`, checkpoints and the clients their state;
+- `progress`: show progress bars in the app processes' logs;
+- `wait-for-nodes-seconds`: how long the server waits for all `num_clients` SuperNodes to connect.
+
+Node config keys (`flower-supernode --node-config`): `partition-id` and `num-partitions` (which
+private slice of the task this organisation holds) and, optionally, `workdir`, the node's own
+storage (default: the run's `out-dir`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from blindtune.config import ConfigError, RunConfig, load_run_config, run_config_from_dict
+from blindtune.federation.apps import build_apps
+from blindtune.federation.records import MessageKind
+
+log = logging.getLogger(__name__)
+
+CONFIG_JSON = "blindtune-config"
+CONFIG_FILE = "config-file"
+OUT_DIR = "out-dir"
+PROGRESS = "progress"
+WAIT_FOR_NODES = "wait-for-nodes-seconds"
+WORKDIR = "workdir"
+
+DEFAULT_WAIT_FOR_NODES_SECONDS = 300.0
+
+
+def run_config_entries(
+    config: RunConfig, out_dir: Path, progress: bool = False, wait_for_nodes_seconds: float | None = None
+) -> dict[str, str | bool | float]:
+    """The Flower run config that makes the deployed apps run `config` and write to `out_dir`."""
+    entries: dict[str, str | bool | float] = {
+        CONFIG_JSON: config.to_json(),
+        OUT_DIR: str(out_dir.resolve()),
+        PROGRESS: progress,
+    }
+    if wait_for_nodes_seconds is not None:
+        entries[WAIT_FOR_NODES] = float(wait_for_nodes_seconds)
+    return entries
+
+
+def config_from_run_config(run_config: dict) -> RunConfig:
+    """The `RunConfig` a Flower run config carries (inline JSON first, else the YAML file it names)."""
+    inline = str(run_config.get(CONFIG_JSON, "") or "")
+    if inline:
+        try:
+            data = json.loads(inline)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"run config `{CONFIG_JSON}` is not valid JSON: {error}") from error
+        return run_config_from_dict(data)
+    name = str(run_config.get(CONFIG_FILE, "") or "")
+    if not name:
+        raise ConfigError(f"the Flower run config sets neither `{CONFIG_JSON}` nor `{CONFIG_FILE}`")
+    path = Path(name).expanduser()
+    if not path.is_file():
+        packaged = Path(str(resources.files("blindtune") / "configs" / name))
+        if packaged.is_file():
+            path = packaged
+    return load_run_config(path)
+
+
+def _out_dir(run_config: dict) -> Path:
+    return Path(str(run_config.get(OUT_DIR, "") or "runs/flwr")).expanduser().resolve()
+
+
+@functools.lru_cache(maxsize=4)
+def _apps(config_json: str, out_dir: str, progress: bool) -> tuple[ServerApp, ClientApp]:
+    return build_apps(run_config_from_dict(json.loads(config_json)), Path(out_dir), progress)
+
+
+def apps_for(context: Context, out_dir: Path | None = None) -> tuple[ServerApp, ClientApp]:
+    """blindtune's ServerApp/ClientApp for the run `context` belongs to (cached per config)."""
+    run_config = dict(context.run_config)
+    config = config_from_run_config(run_config)
+    directory = out_dir if out_dir is not None else _out_dir(run_config)
+    return _apps(config.to_json(), str(directory), bool(run_config.get(PROGRESS, False)))
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_seconds: float, poll_seconds: float = 1.0) -> list[int]:
+    """Block until `expected` SuperNodes are connected; a TimeoutError names how many came."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= expected:
+            return node_ids
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{len(node_ids)} of {expected} SuperNodes connected within {timeout_seconds:.0f} s")
+        time.sleep(poll_seconds)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    config = config_from_run_config(run_config)
+    out_dir = _out_dir(run_config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timeout = float(run_config.get(WAIT_FOR_NODES, DEFAULT_WAIT_FOR_NODES_SECONDS))
+    node_ids = wait_for_nodes(grid, config.federation.num_clients, timeout)
+    log.info("blindtune %s: %d SuperNodes connected: %s", config.method, len(node_ids), node_ids)
+    inner_server_app, _ = apps_for(context)
+    inner_server_app(grid, context)
+
+
+client_app = ClientApp()
+
+
+def _client_handle(message: Message, context: Context) -> Message:
+    workdir = context.node_config.get(WORKDIR)
+    _, inner_client_app = apps_for(context, Path(str(workdir)).expanduser().resolve() if workdir else None)
+    return inner_client_app(message, context)
+
+
+for _kind in MessageKind:
+    _category, _, _action = str(_kind).partition(".")
+    _register = getattr(client_app, _category)
+    (_register(_action) if _action else _register())(_client_handle)

@@ -1,0 +1,572 @@
+"""Server-side emulator training on public text: distillation (OT's NLD, LLEOT's variant), loss
+landscape elevation, and the measurements that say how much an emulator leaks.
+
+Notation: x a public text, h_M(P; x) the hidden states at the output of model M's middle block (the
+input of the top adapter layers) when the prompt P is prepended to x's embeddings, L_M(P; x) the mean
+next-token loss of x, rms(h) the root mean square over the hidden dimension, P' ~ N(0, sigma^2) a
+random proxy prompt (a share of them are real tokens' embeddings instead, the region where clients'
+soft prompts start). Only the emulator's middle layers are trained; the adapter layers, embeddings,
+norm and head stay the LLM's, so adapters still fit both models.
+
+Distillation (Offsite-Tuning's NLD when ppd_weight = 0):
+
+    L_KD  = E_x  mean_t,d ((h_LLM(x) - h_emu(x)) / rms(h_LLM(x)))^2
+    L_PPD = E_P',x mean_t,d ((h_LLM(P'; x) - h_emu(P'; x)) / rms(h_LLM(P'; x)))^2
+    L     = lm_weight * L_LM(emu) + ppd_weight * L_PPD + kd_weight * L_KD          (1 : 10 : 30)
+
+Elevation (LLEOT): E_P',x | L_emu(P'; x) - L_LLM(P'; x) - H |, P' empty for half of each batch and,
+for layer adapters, the same random perturbation of the adapter layers' weights in both models.
+An exact margin gives PPL_emu = e^H PPL_LLM while grad_adapter L_emu = grad_adapter L_LLM.
+
+Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
+task's prompts, or a text file): never client data.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from blindtune.data import Example
+from blindtune.encoding import collate_pairs, continuation_loss, encode_pair, pad_right
+from blindtune.eval.scoring import perplexity
+from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
+from blindtune.models.loading import cache_dir
+from blindtune.models.soft_prompt import run_with_prompt
+from blindtune.models.surgery import LayerPlan, canonical_name, decoder_layers
+
+log = logging.getLogger(__name__)
+
+HELDOUT_TEXTS = 100  # public texts kept out of emulator training, for the perplexity measurement
+_CACHE_VERSION = 1  # bump when the training procedure changes, so stale cached emulators are not reused
+
+
+@dataclass
+class ProxyPrompts:
+    """Random proxy prompts P' prepended to public text.
+
+    length: virtual tokens per proxy prompt (0 disables them).
+    std: sigma of the Gaussian ones (the paper uses 20).
+    token_fraction: share of proxy prompts made of real tokens' input embeddings instead (where
+        clients' soft prompts are initialised).
+    """
+
+    length: int = 5
+    std: float = 20.0
+    token_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.length < 0 or self.std < 0 or not 0 <= self.token_fraction <= 1:
+            raise ValueError(f"invalid proxy prompt settings: {self}")
+
+
+@dataclass
+class DistillConfig:
+    """Distil the layer-dropped middle block towards the LLM on public text (adapters frozen).
+
+    steps / batch_size / max_length / learning_rate: AdamW steps over batches of public texts of at
+        most max_length tokens.
+    lm_weight / kd_weight / ppd_weight: weights of the emulator's LM loss, of the hidden-state distance
+        at the middle block's output, and of that distance under proxy prompts (0: Offsite-Tuning's NLD).
+    proxy: the proxy prompts of L_PPD.
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 48
+    learning_rate: float = 1e-4
+    lm_weight: float = 1.0
+    kd_weight: float = 30.0
+    ppd_weight: float = 0.0
+    proxy: ProxyPrompts = field(default_factory=ProxyPrompts)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
+            raise ValueError(f"invalid distillation settings: {self}")
+
+
+@dataclass
+class ElevationConfig:
+    """Raise the emulator's loss a fixed margin above the LLM's across prompts and adapters.
+
+    margin: H, in nats per token (PPL ratio e^H).
+    steps / batch_size / max_length / learning_rate: as for distillation.
+    proxy: the proxy prompts P' (half of each batch has none).
+    adapter_weight_noise: relative std of the random perturbation applied to the adapter layers of
+        both models at each step (0 disables it).
+    """
+
+    margin: float = 4.0
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 48
+    learning_rate: float = 3e-4
+    proxy: ProxyPrompts = field(default_factory=ProxyPrompts)
+    adapter_weight_noise: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
+            raise ValueError(f"invalid elevation settings: {self}")
+        if self.adapter_weight_noise < 0:
+            raise ValueError(f"adapter_weight_noise must be >= 0, got {self.adapter_weight_noise}")
+
+
+# ---- public text -------------------------------------------------------------------------------
+
+
+@dataclass
+class PublicTexts:
+    train: list[str]
+    heldout: list[str]
+
+
+def public_texts(source: str, task: str | None = None, seed: int = 0) -> PublicTexts:
+    """Texts the server owns, split into training texts and HELDOUT_TEXTS held-out ones.
+
+    source: `wordnet:<pos>[,<pos>...]` (glosses of WordNet's data.<pos> files, e.g. `wordnet:adj,adv`;
+    $WORDNET_DIR or /usr/share/wordnet), `task:<name>` (the prompts of a registered task's train split,
+    e.g. `task:gsm8k`), or the path of a text file with one text per line.
+    task: the run's task; a `task:` source naming it is refused (that is client data).
+    """
+    if source.startswith("wordnet:"):
+        texts = _wordnet_glosses(source.removeprefix("wordnet:").split(","))
+    elif source.startswith("task:"):
+        name = source.removeprefix("task:")
+        if task is not None and name == task:
+            raise ValueError(f"public text {source!r} is the clients' task: the server may not train on it")
+        from blindtune.data import load_task
+
+        texts = [example.prompt for example in load_task(name, seed=seed).train]
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"public text {source!r} is neither wordnet:<pos>, task:<name> nor a text file")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = sorted(set(texts))
+    if len(texts) < 2 * HELDOUT_TEXTS:
+        raise ValueError(f"public text {source!r} has {len(texts)} distinct texts; need at least {2 * HELDOUT_TEXTS}")
+    random.Random(seed).shuffle(texts)
+    return PublicTexts(train=texts[HELDOUT_TEXTS:], heldout=texts[:HELDOUT_TEXTS])
+
+
+def _wordnet_glosses(parts_of_speech: Sequence[str]) -> list[str]:
+    import os
+
+    from blindtune.data.wordnet import DEFAULT_WORDNET_DIR, read_synsets
+
+    directory = Path(os.environ.get("WORDNET_DIR", DEFAULT_WORDNET_DIR))
+    texts = []
+    for pos in parts_of_speech:
+        texts += [synset.gloss for synset in read_synsets(directory / f"data.{pos.strip()}")]
+    return texts
+
+
+# ---- forward passes ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    middle: Tensor  # (batch, length, hidden): the middle block's output at the text positions
+    nll: Tensor  # (batch,): mean next-token loss of each text
+
+
+def _run(model: nn.Module, middle_layer: nn.Module, prompt: Tensor | None, ids: Tensor, mask: Tensor) -> _Pass:
+    captured: list[Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = middle_layer.register_forward_hook(keep)
+    try:
+        causal: Any = model
+        output: Any = run_with_prompt(
+            causal.get_decoder(), causal.get_input_embeddings(), prompt, ids, mask, use_cache=False
+        )
+        hidden: Tensor = output.last_hidden_state
+    finally:
+        handle.remove()
+    prompt_length = 0 if prompt is None else prompt.shape[-2]
+    logits = causal.get_output_embeddings()(hidden[:, :-1]).float()
+    token_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    weights = mask[:, 1:].to(token_nll.dtype)
+    nll = (token_nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return _Pass(middle=captured[-1][:, prompt_length:], nll=nll)
+
+
+def hidden_distance(reference: Tensor, other: Tensor, mask: Tensor) -> Tensor:
+    """mean over real tokens and dimensions of ((reference - other) / rms(reference))^2."""
+    rms = reference.float().pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=1e-6)
+    per_token = ((reference.float() - other.float()) / rms).pow(2).mean(dim=-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+@dataclass
+class EmulatorPair:
+    """The LLM and its emulator, with the layers whose outputs are the middle block's output."""
+
+    llm: nn.Module
+    emulator: nn.Module
+    plan: LayerPlan
+
+    @property
+    def llm_middle_layer(self) -> nn.Module:
+        return decoder_layers(self.llm)[self.plan.top[0] - 1]
+
+    @property
+    def emulator_middle_layer(self) -> nn.Module:
+        return decoder_layers(self.emulator)[len(self.plan.bottom) + len(self.plan.middle) - 1]
+
+    def middle_parameters(self) -> list[nn.Parameter]:
+        layers = decoder_layers(self.emulator)
+        positions = range(len(self.plan.bottom), len(self.plan.bottom) + len(self.plan.middle))
+        return [p for position in positions for p in layers[position].parameters()]
+
+    def passes(self, prompt: Tensor | None, ids: Tensor, mask: Tensor) -> tuple[_Pass, _Pass]:
+        """(LLM pass without gradients, emulator pass with them)."""
+        with torch.no_grad():
+            reference = _run(self.llm, self.llm_middle_layer, prompt, ids, mask)
+        return reference, _run(self.emulator, self.emulator_middle_layer, prompt, ids, mask)
+
+
+def proxy_prompts(model: nn.Module, rows: int, settings: ProxyPrompts, generator: torch.Generator) -> Tensor:
+    """(rows, length, hidden) random proxy prompts: Gaussian, or real tokens' embeddings."""
+    table = model.get_input_embeddings().weight  # type: ignore[operator]
+    gaussian = torch.randn(rows, settings.length, table.shape[1], generator=generator) * settings.std
+    ids = torch.randint(0, table.shape[0], (rows, settings.length), generator=generator)
+    tokens = table.detach()[ids.to(table.device)].cpu()
+    use_tokens = torch.rand(rows, 1, 1, generator=generator) < settings.token_fraction
+    return torch.where(use_tokens, tokens, gaussian).to(table.device, table.dtype)
+
+
+class _TextBatches:
+    """Seeded random batches of tokenised public texts."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, seed: int) -> None:
+        encoded = [list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"]) for text in texts]
+        self.sequences = [ids for ids in encoded if len(ids) >= 2]
+        if not self.sequences:
+            raise ValueError("no public text of two or more tokens")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rng = random.Random(seed)
+
+    def next(self, size: int) -> tuple[Tensor, Tensor]:
+        return pad_right(self.rng.sample(self.sequences, min(size, len(self.sequences))), self.pad_id)
+
+
+def _split(ids: Tensor, mask: Tensor, with_prompts: bool) -> list[tuple[bool, Tensor, Tensor]]:
+    """Half of a batch without a prompt and half with one (or all without)."""
+    if not with_prompts or ids.shape[0] < 2:
+        return [(False, ids, mask)]
+    half = ids.shape[0] // 2
+    return [(False, ids[:half], mask[:half]), (True, ids[half:], mask[half:])]
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def distill_emulator(
+    pair: EmulatorPair,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: DistillConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train the emulator's middle layers (in place) with L_LM + ppd * L_PPD + kd * L_KD; per-step losses."""
+    return _optimise(pair, tokenizer, texts, config, _distill_loss, seed, progress, "distil emulator")
+
+
+def elevate_emulator(
+    pair: EmulatorPair,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: ElevationConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H; per-step losses and margins."""
+    return _optimise(pair, tokenizer, texts, config, _elevation_loss, seed, progress, "elevate emulator")
+
+
+def _distill_loss(
+    pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    parts: dict[str, Tensor] = {}
+    for prompted, part_ids, part_mask in _split(ids, mask, config.ppd_weight > 0 and config.proxy.length > 0):
+        prompt = proxy_prompts(pair.llm, part_ids.shape[0], config.proxy, generator) if prompted else None
+        reference, emulated = pair.passes(prompt, part_ids, part_mask)
+        distance = hidden_distance(reference.middle, emulated.middle, part_mask)
+        if prompted:
+            parts["ppd"] = distance
+        else:
+            parts["kd"] = distance
+            parts["lm"] = emulated.nll.mean()
+    loss = config.lm_weight * parts["lm"] + config.kd_weight * parts["kd"]
+    if "ppd" in parts:
+        loss = loss + config.ppd_weight * parts["ppd"]
+    return loss, {name: value.item() for name, value in parts.items()}
+
+
+def _elevation_loss(
+    pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    deviations, margins = [], []
+    with _PerturbedAdapters(pair, config.adapter_weight_noise, generator):
+        for prompted, part_ids, part_mask in _split(ids, mask, config.proxy.length > 0):
+            prompt = proxy_prompts(pair.llm, part_ids.shape[0], config.proxy, generator) if prompted else None
+            reference, emulated = pair.passes(prompt, part_ids, part_mask)
+            margin = emulated.nll - reference.nll
+            deviations.append((margin - config.margin).abs())
+            margins.append(margin.detach())
+    loss = torch.cat(deviations).mean()
+    return loss, {"deviation": loss.item(), "margin": torch.cat(margins).mean().item()}
+
+
+class _PerturbedAdapters:
+    """Add the same random perturbation to the adapter layers of both models; restore them on exit."""
+
+    def __init__(self, pair: EmulatorPair, relative_std: float, generator: torch.Generator) -> None:
+        self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+        self.originals: list[Tensor] = []
+        if relative_std <= 0:
+            return
+        llm_layers, emulator_layers = decoder_layers(pair.llm), decoder_layers(pair.emulator)
+        position_of = pair.plan.emulator_position_of
+        for source in pair.plan.adapter_layers:
+            llm_parameters = dict(llm_layers[source].named_parameters())
+            for name, emulated in emulator_layers[position_of[source]].named_parameters():
+                self.pairs.append((llm_parameters[name], emulated))
+        self.relative_std, self.generator = relative_std, generator
+
+    def __enter__(self) -> None:
+        with torch.no_grad():
+            for reference, emulated in self.pairs:
+                self.originals.append(reference.detach().clone())
+                scale = self.relative_std * reference.float().pow(2).mean().sqrt().item()
+                noise = torch.randn(reference.shape, generator=self.generator).to(reference) * scale
+                reference.add_(noise)
+                emulated.add_(noise.to(emulated))
+
+    def __exit__(self, *_: object) -> None:
+        with torch.no_grad():
+            for (reference, emulated), original in zip(self.pairs, self.originals, strict=True):
+                reference.copy_(original)
+                emulated.copy_(original.to(emulated))
+        self.originals.clear()
+
+
+def _optimise(
+    pair: EmulatorPair,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: Any,
+    objective: Any,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> list[dict[str, float]]:
+    parameters = pair.middle_parameters()
+    if not parameters:
+        raise ValueError("the emulator has no middle layers to train")
+    states = {id(p): p.requires_grad for p in pair.emulator.parameters()}
+    for parameter in pair.emulator.parameters():
+        parameter.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
+    batches = _TextBatches(tokenizer, texts, config.max_length, seed)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = pair.emulator.training
+    pair.emulator.train()
+    pair.llm.eval()
+    history = []
+    try:
+        for step in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
+            ids, mask = batches.next(config.batch_size)
+            loss, parts = objective(pair, ids, mask, config, generator)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            history.append({"loss": loss.item(), **parts})
+    finally:
+        pair.emulator.train(was_training)
+        for parameter in pair.emulator.parameters():
+            parameter.requires_grad_(states[id(parameter)])
+    if history:
+        log.info("%s: first %s, last %s", desc, history[0], history[-1])
+    return history
+
+
+# ---- preparing (and caching) an emulator -----------------------------------------------------------
+
+
+@dataclass
+class PreparedEmulator:
+    model: PreTrainedModel
+    history: dict[str, list[dict[str, float]]]  # per stage ("distill", "elevate"), per step
+    from_cache: bool
+
+
+def prepare_emulator(
+    llm: PreTrainedModel,
+    emulator: PreTrainedModel,
+    plan: LayerPlan,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    distill: DistillConfig | None,
+    elevation: ElevationConfig | None = None,
+    seed: int = 0,
+    cache: bool = True,
+    progress: bool = True,
+) -> PreparedEmulator:
+    """Distil (if `distill`) then elevate (if `elevation`) `emulator` in place.
+
+    With `cache`, the trained middle layers are stored in the user cache directory under a key of the
+    LLM's weights, the plan, the settings, the texts and the seed, and reused by later runs.
+    """
+    pair = EmulatorPair(llm, emulator, plan)
+    path = _cache_path(llm, plan, texts, distill, elevation, seed) if cache else None
+    history: dict[str, list[dict[str, float]]] = {}
+    if path is not None and path.is_file():
+        _load_middle(pair, path)
+        history = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
+        return PreparedEmulator(model=emulator, history=history, from_cache=True)
+    if distill is not None:
+        if path is not None and elevation is not None:  # the distilled stage is itself cached (OT-distilled)
+            earlier = prepare_emulator(
+                llm, emulator, plan, tokenizer, texts, distill=distill, seed=seed, cache=True, progress=progress
+            )
+            history.update(earlier.history)
+        else:
+            history["distill"] = distill_emulator(pair, tokenizer, texts, distill, seed=seed, progress=progress)
+    if elevation is not None:
+        history["elevate"] = elevate_emulator(pair, tokenizer, texts, elevation, seed=seed + 1, progress=progress)
+    if path is not None:
+        _save_middle(pair, path)
+        path.with_suffix(".json").write_text(json.dumps(history))
+    return PreparedEmulator(model=emulator, history=history, from_cache=False)
+
+
+def _cache_path(
+    llm: nn.Module,
+    plan: LayerPlan,
+    texts: Sequence[str],
+    distill: DistillConfig | None,
+    elevation: ElevationConfig | None,
+    seed: int,
+) -> Path:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([_CACHE_VERSION, asdict(plan), seed]).encode())
+    digest.update(json.dumps([asdict(distill) if distill else None, asdict(elevation) if elevation else None]).encode())
+    digest.update("\n".join(texts).encode())
+    digest.update(model_fingerprint(llm).encode())
+    return cache_dir() / "emulators" / f"{digest.hexdigest()[:24]}.safetensors"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: shapes, sums and a few values of every tensor."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().float().flatten()
+            digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.6e}{flat[:8].tolist()}".encode())
+    return digest.hexdigest()
+
+
+def _save_middle(pair: EmulatorPair, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    save_file({n: p.detach().cpu().contiguous() for n, p in _named_middle(pair).items()}, str(temporary))
+    temporary.replace(path)
+
+
+def _load_middle(pair: EmulatorPair, path: Path) -> None:
+    stored = load_file(str(path))
+    own = _named_middle(pair)
+    if set(stored) != set(own):
+        raise ValueError(f"cached emulator {path} does not fit this model; delete it")
+    with torch.no_grad():
+        for name, parameter in own.items():
+            parameter.copy_(stored[name])
+
+
+def _named_middle(pair: EmulatorPair) -> dict[str, nn.Parameter]:
+    middle = {pair.plan.emulator_position_of[source]: source for source in pair.plan.middle}
+    named = {}
+    for name, parameter in pair.emulator.named_parameters():
+        canonical = canonical_name(name, middle)
+        if canonical is not None:
+            named[canonical] = parameter
+    return named
+
+
+# ---- measurements ----------------------------------------------------------------------------------
+
+
+def perplexities(
+    llm: nn.Module, emulator: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 64
+) -> dict[str, float]:
+    """emulator_ppl, llm_ppl and their ratio on held-out public text."""
+    llm_ppl = perplexity(llm, tokenizer, texts, max_length=max_length, progress=False)
+    emulator_ppl = perplexity(emulator, tokenizer, texts, max_length=max_length, progress=False)
+    return {"emulator_ppl": emulator_ppl, "llm_ppl": llm_ppl, "ppl_ratio": emulator_ppl / llm_ppl}
+
+
+def cpl(emulator_accuracy: float, llm_accuracy: float) -> float:
+    """Capability leakage: emulator zero-shot accuracy as a percentage of the LLM's."""
+    return 100.0 * emulator_accuracy / llm_accuracy if llm_accuracy > 0 else float("nan")
+
+
+def adapter_gradient_cosine(
+    llm: nn.Module,
+    emulator: nn.Module,
+    layer_map: dict[int, int],
+    adapter: AdapterConfig,
+    state: AdapterState,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int = 256,
+) -> float:
+    """Cosine between the adapter's gradients on the emulator and on the LLM (same adapter, same batch)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = collate_pairs([encode_pair(tokenizer, e.prompt, e.target, max_length) for e in examples], pad_id)
+    gradients = []
+    for model, positions in ((emulator, layer_map), (llm, {source: source for source in layer_map.values()})):
+        adapted = attach_adapter(copy.deepcopy(model), positions, adapter)
+        adapted.load_state(state)
+        named = adapted.named_adapter_parameters()
+        parameters = [named[name] for name in sorted(named)]
+        grads = torch.autograd.grad(continuation_loss(adapted.model, batch), parameters, allow_unused=True)
+        gradients.append(
+            torch.cat(
+                [
+                    torch.zeros(p.numel()) if g is None else g.detach().flatten().cpu()
+                    for p, g in zip(parameters, grads, strict=True)
+                ]
+            )
+        )
+        del adapted
+    emulated, reference = gradients
+    return F.cosine_similarity(emulated.float(), reference.float(), dim=0).item()

@@ -1,0 +1,121 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from blindtune.data import Example
+from blindtune.models import tiny_model
+from blindtune.models.adapters import AdapterConfig, AdapterKind, untrained_adapter_state
+from blindtune.models.distill import (
+    HELDOUT_TEXTS,
+    DistillConfig,
+    ElevationConfig,
+    EmulatorPair,
+    ProxyPrompts,
+    _distill_loss,
+    _TextBatches,
+    adapter_gradient_cosine,
+    cpl,
+    distill_emulator,
+    elevate_emulator,
+    hidden_distance,
+    perplexities,
+    prepare_emulator,
+    public_texts,
+)
+from blindtune.models.surgery import build_emulator, plan_layers
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(num_layers=6, hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return public_texts("wordnet:adv", task="wordnet-supersense")
+
+
+def _pair(llm, keep_every):
+    plan = plan_layers(6, 1, keep_every)
+    return EmulatorPair(llm, build_emulator(llm, plan), plan)
+
+
+def test_public_text_is_split_and_never_the_clients_task(texts):
+    assert len(texts.heldout) == HELDOUT_TEXTS and len(texts.train) > 1000
+    assert not set(texts.heldout) & set(texts.train)
+    with pytest.raises(ValueError, match="clients' task"):
+        public_texts("task:wordnet-supersense", task="wordnet-supersense")
+    with pytest.raises(ValueError):
+        public_texts("no-such-source")
+
+
+def test_hidden_state_losses_are_zero_for_an_emulator_identical_to_the_llm(tiny, texts):
+    pair = _pair(tiny.model, keep_every=1)  # the middle block is kept whole: emulator == LLM
+    config = DistillConfig(ppd_weight=10.0, proxy=ProxyPrompts(length=3, std=20.0, token_fraction=0.5))
+    ids, mask = _TextBatches(tiny.tokenizer, texts.train[:64], 32, seed=0).next(8)
+    _, parts = _distill_loss(pair, ids, mask, config, torch.Generator().manual_seed(0))
+    assert parts["kd"] < 1e-10 and parts["ppd"] < 1e-10
+    assert parts["lm"] > 0
+    reference = torch.randn(2, 3, 8)
+    assert hidden_distance(reference, reference, torch.ones(2, 3)).item() == 0.0
+    assert hidden_distance(reference, torch.zeros_like(reference), torch.ones(2, 3)).item() == pytest.approx(1.0)
+
+
+def test_distillation_brings_the_middle_block_closer_to_the_llm(tiny, texts):
+    pair = _pair(copy.deepcopy(tiny.model), keep_every=2)
+    config = DistillConfig(steps=30, batch_size=8, max_length=32, learning_rate=3e-3, ppd_weight=10.0)
+    history = distill_emulator(pair, tiny.tokenizer, texts.train[:400], config, progress=False)
+    first, last = history[:5], history[-5:]
+    assert sum(h["kd"] for h in last) < 0.7 * sum(h["kd"] for h in first)
+    assert sum(h["ppd"] for h in last) < 0.7 * sum(h["ppd"] for h in first)
+    adapter_params = [p for i in (0, 5) for p in pair.llm.get_decoder().layers[i].parameters()]
+    emulator_adapter = [p for i in (0, 3) for p in pair.emulator.get_decoder().layers[i].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(adapter_params, emulator_adapter, strict=True))  # adapters frozen
+
+
+def test_elevation_drives_the_measured_margin_toward_h(tiny, texts):
+    llm = copy.deepcopy(tiny.model)
+    pair = _pair(llm, keep_every=2)
+    margin = 2.0
+    before = perplexities(llm, pair.emulator, tiny.tokenizer, texts.heldout[:40], max_length=32)
+    config = ElevationConfig(margin=margin, steps=60, batch_size=8, max_length=32, learning_rate=1e-2)
+    history = elevate_emulator(pair, tiny.tokenizer, texts.train[:400], config, progress=False)
+    after = perplexities(llm, pair.emulator, tiny.tokenizer, texts.heldout[:40], max_length=32)
+    measured_before, measured_after = math.log(before["ppl_ratio"]), math.log(after["ppl_ratio"])
+    assert abs(measured_after - margin) < 0.5 * abs(measured_before - margin)
+    assert abs(measured_after - margin) < 0.6
+    assert history[-1]["deviation"] < history[0]["deviation"]
+    # the LLM's adapter layers, perturbed during elevation, are restored exactly
+    assert torch.equal(llm.get_decoder().layers[0].mlp.up_proj.weight, tiny.model.get_decoder().layers[0].mlp.up_proj.weight)
+
+
+def test_measurements_on_an_identical_emulator(tiny, texts):
+    llm = tiny.model
+    pair = _pair(llm, keep_every=1)
+    ppl = perplexities(llm, pair.emulator, tiny.tokenizer, texts.heldout[:10], max_length=32)
+    assert ppl["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert cpl(0.3, 0.6) == pytest.approx(50.0) and math.isnan(cpl(0.3, 0.0))
+    example = Example(prompt="Definition: a small dog\nCategory:", target=" animal", choices=(" animal",), label=0)
+    layer_map = {pair.plan.emulator_position_of[s]: s for s in pair.plan.adapter_layers}
+    for adapter in (AdapterConfig(kind=AdapterKind.LORA, lora_rank=2), AdapterConfig(kind=AdapterKind.SOFT_PROMPT)):
+        state = untrained_adapter_state(copy.deepcopy(pair.emulator), layer_map, adapter, seed=0)
+        cosine = adapter_gradient_cosine(llm, pair.emulator, layer_map, adapter, state, tiny.tokenizer, [example] * 2)
+        assert cosine == pytest.approx(1.0, abs=1e-4)
+
+
+def test_prepared_emulators_are_cached(tiny, texts, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path))
+    llm = copy.deepcopy(tiny.model)
+    plan = plan_layers(6, 1, 2)
+    distill = DistillConfig(steps=3, batch_size=4, max_length=16, learning_rate=1e-2)
+    elevation = ElevationConfig(steps=3, batch_size=4, max_length=16, learning_rate=1e-2)
+    kwargs = {"distill": distill, "elevation": elevation, "seed": 0, "progress": False}
+    first = prepare_emulator(llm, build_emulator(llm, plan), plan, tiny.tokenizer, texts.train[:50], **kwargs)
+    again = prepare_emulator(llm, build_emulator(llm, plan), plan, tiny.tokenizer, texts.train[:50], **kwargs)
+    assert not first.from_cache and again.from_cache
+    assert set(first.history) == {"distill", "elevate"} and again.history == first.history
+    for a, b in zip(first.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert len(list((tmp_path / "emulators").glob("*.safetensors"))) == 2  # distilled and elevated stages
