@@ -5,7 +5,9 @@ handed to the server; *which* engine moves the messages is decided here alone:
 
 - `simulation`: Flower's simulation engine (Ray actors, one virtual SuperNode per client);
 - `inprocess`: a `Grid` that hands each message straight to the ClientApp in this process. Same
-  apps, same records, no Ray start-up (~12 s here): for unit tests and quick single-process runs.
+  apps, same records, no Ray start-up (~12 s here): for unit tests and quick single-process runs;
+- `deployment`: a real SuperLink and one SuperNode per client as processes on loopback; the apps are
+  rebuilt in each process from the run config (`deployment.py`, `flower_app.py`, `blindtune launch`).
 
 Flower 1.42 deprecates `run_simulation` for `flwr run` on a local SuperLink; when we move, only this
 file changes.
@@ -35,6 +37,7 @@ NUM_PARTITIONS = "num-partitions"
 class Engine(enum.StrEnum):
     SIMULATION = "simulation"
     INPROCESS = "inprocess"
+    DEPLOYMENT = "deployment"
 
 
 class InProcessGrid(Grid):
@@ -104,6 +107,12 @@ class InProcessGrid(Grid):
 
 def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: int, engine: Engine) -> None:
     """Run the apps to completion on the chosen engine."""
+    if engine is Engine.DEPLOYMENT:
+        # Processes cannot be handed app objects: they rebuild them from the run config `launch` set.
+        from blindtune.federation.deployment import run_active_deployment
+
+        run_active_deployment(num_clients)
+        return
     if engine is Engine.INPROCESS:
         # Flower stamps messages with the identity of the running task; its engines set it, so do we.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID

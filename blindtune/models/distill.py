@@ -308,7 +308,8 @@ def elevate_emulator(
 
 def _distill_loss(
     pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[float, dict[str, float]]:
+    """The distillation loss of one batch, back-propagated; (loss, its parts)."""
     parts: dict[str, Tensor] = {}
     for prompted, part_ids, part_mask in _split(ids, mask, config.ppd_weight > 0 and config.proxy.length > 0):
         prompt = proxy_prompts(pair.llm, part_ids.shape[0], config.proxy, generator) if prompted else None
@@ -322,13 +323,16 @@ def _distill_loss(
     loss = config.lm_weight * parts["lm"] + config.kd_weight * parts["kd"]
     if "ppd" in parts:
         loss = loss + config.ppd_weight * parts["ppd"]
-    return loss, {name: value.item() for name, value in parts.items()}
+    _backward(loss)
+    return loss.item(), {name: value.item() for name, value in parts.items()}
 
 
 def _elevation_loss(
     pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[float, dict[str, float]]:
+    """The elevation loss of one batch, back-propagated; (loss, mean deviation and margin)."""
     deviations, margins = [], []
+    # Backward runs inside: autograd needs the perturbed adapter weights the forward pass saw.
     with _PerturbedAdapters(pair, config.adapter_weight_noise, generator):
         for prompted, part_ids, part_mask in _split(ids, mask, config.proxy.length > 0):
             prompt = proxy_prompts(pair.llm, part_ids.shape[0], config.proxy, generator) if prompted else None
@@ -336,8 +340,15 @@ def _elevation_loss(
             margin = emulated.nll - reference.nll
             deviations.append((margin - config.margin).abs())
             margins.append(margin.detach())
-    loss = torch.cat(deviations).mean()
-    return loss, {"deviation": loss.item(), "margin": torch.cat(margins).mean().item()}
+        loss = torch.cat(deviations).mean()
+        _backward(loss)
+    return loss.item(), {"deviation": loss.item(), "margin": torch.cat(margins).mean().item()}
+
+
+def _backward(loss: Tensor) -> None:
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"the loss became {loss.item()}")
+    loss.backward()
 
 
 class _PerturbedAdapters:
@@ -401,14 +412,14 @@ def _optimise(
     try:
         for step in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
             ids, mask = batches.next(config.batch_size)
-            loss, parts = objective(pair, ids, mask, config, generator)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss, parts = objective(pair, ids, mask, config, generator)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"{desc}, step {step}: {error}") from error
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
-            history.append({"loss": loss.item(), **parts})
+            history.append({"loss": loss, **parts})
     finally:
         pair.emulator.train(was_training)
         for parameter in pair.emulator.parameters():

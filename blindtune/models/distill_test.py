@@ -55,7 +55,7 @@ def test_hidden_state_losses_are_zero_for_an_emulator_identical_to_the_llm(tiny,
     pair = _pair(tiny.model, keep_every=1)  # the middle block is kept whole: emulator == LLM
     config = DistillConfig(ppd_weight=10.0, proxy=ProxyPrompts(length=3, std=20.0, token_fraction=0.5))
     ids, mask = _TextBatches(tiny.tokenizer, texts.train[:64], 32, seed=0).next(8)
-    _, parts = _distill_loss(pair, ids, mask, config, torch.Generator().manual_seed(0))
+    _, parts = _distill_loss(pair, ids, mask, config, torch.Generator().manual_seed(0))  # (also back-propagates)
     assert parts["kd"] < 1e-10 and parts["ppd"] < 1e-10
     assert parts["lm"] > 0
     reference = torch.randn(2, 3, 8)

@@ -1,0 +1,41 @@
+import json
+
+from typer.testing import CliRunner
+
+from blindtune.cli import app
+
+runner = CliRunner()
+
+
+def test_eval_writes_eval_json_for_any_model_directory(tiny_model_dir, tmp_path):
+    result = runner.invoke(
+        app, ["eval", "--task", "wordnet-supersense", "--model", str(tiny_model_dir), "--limit", "8", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["num_examples"] == 8 and 0.0 <= saved["accuracy"] <= 1.0
+
+
+def test_eval_on_a_users_jsonl_file(tiny_model_dir, tmp_path):
+    rows = [{"text": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2} for i in range(30)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = runner.invoke(app, ["eval", "--task", str(data), "--model", str(tiny_model_dir), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 3
+
+
+def test_user_errors_are_reported_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a", "choices": ["x", "y"], "label": 0}\n{"text": "b", "choices": ["x"]}\n')
+    for args, expected in [
+        (["eval", "--model", str(tmp_path / "nowhere")], "neither"),
+        (["eval", "--task", str(broken)], "broken.jsonl:2"),
+        (["eval", "--task", "no-such-task"], "unknown task"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "blindtune.cli", *args], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stdout and "Traceback" not in done.stderr

@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from blindtune.config import ConfigError, load_run_config, run_config_from_dict
+from blindtune.federation.strategies import StrategyName
+from blindtune.methods import UnknownMethodError
+from blindtune.models.adapters import AdapterKind
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_packaged_configs_load():
+    from blindtune.cli import DEMO_CONFIG, DEMO_QUICK_CONFIG, packaged_config
+
+    for name in (DEMO_CONFIG, DEMO_QUICK_CONFIG):
+        config = load_run_config(packaged_config(name))
+        assert config.method == "offsite" and config.federation.num_clients == 3
+
+
+def test_sections_become_typed_objects_and_round_trip():
+    config = run_config_from_dict(
+        {
+            "method": "offsite",
+            "federation": {"strategy": "flora", "client_lora_ranks": [2, 8]},
+            "train": {"learning_rate": 1},
+            "offsite": {"adapter": {"kind": "layers"}},
+        }
+    )
+    assert config.federation.strategy is StrategyName.FLORA
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+    assert config.method_config.adapter.kind is AdapterKind.LAYERS
+    assert config.federation.client_rank(3) == 8
+    assert run_config_from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"method": "offsite", "federaton": {}}, "unknown key(s) federaton"),
+        ({"method": "offsite", "train": {"stepz": 3}}, "train: unknown key(s) stepz"),
+        ({"method": "offsite", "offsite": {"adapter": {"rank": 3}}}, "offsite.adapter: unknown key(s) rank"),
+        ({"method": "offsite", "train": {"steps": "many"}}, "train.steps: expected int"),
+        ({"method": "offsite", "federation": {"engine": "warp"}}, "federation.engine: 'warp' is not one of"),
+        ({"method": "offsite", "federation": {"num_clients": 0}}, "num_clients"),
+        ({"method": "offsite", "federation": {"client_lora_ranks": [2, 4]}}, "needs strategy: flora"),
+        ({"method": "offsite", "seed": None}, "seed: expected int, got None"),
+    ],
+)
+def test_bad_configs_name_the_offending_key(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_config_from_dict(data)
+
+
+def test_unknown_method_and_bad_yaml(tmp_path):
+    with pytest.raises(UnknownMethodError, match="available: .*offsite"):
+        run_config_from_dict({"method": "telepathy"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [offsite\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_merge_into_the_file(tmp_path):
+    path = _write(tmp_path, {"method": "offsite", "federation": {"rounds": 5, "num_clients": 4}})
+    config = load_run_config(path, {"federation": {"engine": "inprocess"}})
+    assert config.federation.rounds == 5 and config.federation.engine.value == "inprocess"
