@@ -70,6 +70,19 @@ def run(
     _run(config, out, overrides, verbose, resume)
 
 
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories or results.json files.")],
+    out: Annotated[Path, typer.Option(help="Where report.md and its plots go.")] = Path("runs/report"),
+    title: Annotated[str, typer.Option(help="Page title.")] = "blindtune report",
+) -> None:
+    """Turn results.json files into one Markdown page with tables and PNG plots."""
+    from blindtune.report import load_results, write_report
+
+    page = write_report(load_results(runs), out, title=title)
+    console.print(f"report: {page}")
+
+
 @app.command("eval")
 def evaluate(
     task: Annotated[
@@ -120,6 +133,76 @@ def evaluate(
         (out / "eval.json").write_text(json.dumps(result, indent=2))
 
 
+@app.command()
+def launch(
+    config: Annotated[Path, typer.Argument(help="A run config YAML (see blindtune/configs/).")],
+    clients: Annotated[int | None, typer.Option(help="SuperNodes to start (default: federation.num_clients).")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory; process logs go to OUT/logs/.")] = Path("runs/launch"),
+    tls_ca_cert: Annotated[Path | None, typer.Option(help="CA certificate (PEM) the SuperNodes trust.")] = None,
+    tls_server_cert: Annotated[Path | None, typer.Option(help="SuperLink certificate (PEM) for 127.0.0.1.")] = None,
+    tls_server_key: Annotated[Path | None, typer.Option(help="SuperLink private key (PEM).")] = None,
+    node_auth: Annotated[bool, typer.Option(help="SuperNode authentication with per-node keys (needs TLS).")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Give up on the run after this many seconds.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the experiment as a real Flower deployment: a SuperLink and one SuperNode per client, on loopback."""
+    from blindtune.federation.deployment import DeploymentError, DeploymentOptions, TlsFiles
+    from blindtune.federation.deployment import launch as launch_deployment
+    from blindtune.report import rich_table
+
+    _setup_logging(verbose)
+    tls = None
+    if tls_ca_cert and tls_server_cert and tls_server_key:
+        tls = TlsFiles(tls_ca_cert, tls_server_cert, tls_server_key)
+    elif tls_ca_cert or tls_server_cert or tls_server_key:
+        raise typer.BadParameter("TLS needs all of --tls-ca-cert, --tls-server-cert and --tls-server-key")
+    if clients is not None and clients < 1:
+        raise typer.BadParameter("--clients must be >= 1")
+    try:
+        run_config = load_run_config(config)
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] {error}")
+        raise typer.Exit(2) from None
+    count = clients or run_config.federation.num_clients
+    console.print(
+        f"launching [bold]{run_config.method}[/bold] on [bold]{run_config.task}[/bold]: 1 SuperLink + {count} "
+        f"SuperNodes ({'TLS' if tls else 'insecure'}{', node auth' if node_auth else ''}) -> {out}"
+    )
+    options = DeploymentOptions(tls=tls, node_auth=node_auth, run_timeout_seconds=timeout)
+    try:
+        results = launch_deployment(run_config, out, count, options=options, resume=resume)
+    except DeploymentError as error:
+        console.print(f"[red]deployment failed:[/red] {error}\nlogs: {out / 'logs'}")
+        raise typer.Exit(2) from None
+    console.print(rich_table(results))
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}\nlogs:    {out / 'logs'}")
+
+
+@app.command()
+def audit(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run directories (with results.json, checkpoints/).")],
+    membership: Annotated[bool, typer.Option(help="Membership inference on the adapted LLM.")] = True,
+    misuse: Annotated[bool, typer.Option(help="The handed-out artefact as a standalone model.")] = True,
+    table: Annotated[Path | None, typer.Option(help="Also write the runs' privacy/utility table here (.md).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Privacy audits of finished runs: update results.json's `privacy` section and report.md's table."""
+    from blindtune.privacy.audit import audit_run
+    from blindtune.privacy.report import privacy_markdown, privacy_row
+
+    _setup_logging(verbose)
+    audited = []
+    for run_dir in runs:
+        results = audit_run(run_dir, membership=membership, misuse=misuse, progress=verbose)
+        audited.append(results)
+        console.print(" | ".join(privacy_row(str(run_dir), results)))
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(privacy_markdown(audited, [str(r) for r in runs]) + "\n", encoding="utf-8")
+        console.print(f"table: {table}")
+
+
 def main() -> None:
     """Entry point: user errors (bad config, data, model path, adapter) end with a message, not a traceback."""
     from blindtune.data import DataFormatError, UnknownTaskError
@@ -127,6 +210,7 @@ def main() -> None:
     from blindtune.methods import UnknownMethodError
     from blindtune.models import ModelLoadError
     from blindtune.models.adapters import IncompatibleAdapterError
+    from blindtune.report import ResultsError
     from blindtune.runner import RunFailedError
 
     try:
@@ -137,6 +221,7 @@ def main() -> None:
         UnknownTaskError,
         UnknownMethodError,
         ModelLoadError,
+        ResultsError,
         IncompatibleAdapterError,
         RunFailedError,
         TooFewClientsError,

@@ -8,9 +8,8 @@ runner = CliRunner()
 
 
 def test_eval_writes_eval_json_for_any_model_directory(tiny_model_dir, tmp_path):
-    result = runner.invoke(
-        app, ["eval", "--task", "wordnet-supersense", "--model", str(tiny_model_dir), "--limit", "8", "--out", str(tmp_path)]
-    )
+    arguments = ["eval", "--task", "wordnet-supersense", "--model", str(tiny_model_dir), "--limit", "8"]
+    result = runner.invoke(app, [*arguments, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_examples"] == 8 and 0.0 <= saved["accuracy"] <= 1.0

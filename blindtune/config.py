@@ -25,6 +25,7 @@ from blindtune.eval.tasks import TaskEvaluator
 from blindtune.federation.engine import Engine
 from blindtune.federation.strategies import StrategyName
 from blindtune.models.loading import DEFAULT_MODEL
+from blindtune.privacy.config import PrivacyConfig
 from blindtune.training.loop import TrainConfig
 
 T = TypeVar("T")
@@ -132,6 +133,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     method_config: Any = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def test_bad_configs_name_the_offending_key(data, message):
 
 
 def test_unknown_method_and_bad_yaml(tmp_path):
-    with pytest.raises(UnknownMethodError, match="available: .*offsite"):
+    with pytest.raises(UnknownMethodError, match=r"available: .*offsite"):
         run_config_from_dict({"method": "telepathy"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [offsite\n")

@@ -254,3 +254,89 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)  # figures otherwise stay alive in pyplot's registry
     return path
+
+
+# ---- comparisons across methods (used by the benchmark suite) ---------------------------------
+
+
+def capability_leakage(run: dict[str, Any]) -> float | None:
+    """CPL: emulator zero-shot / LLM zero-shot accuracy x 100 (what a client can do with what it was given,
+    relative to the LLM; lower = the hand-out is a worse substitute for the LLM). None if either is missing."""
+    metrics = run["metrics"]
+    llm, emulator = metrics.get("llm_zero_shot"), metrics.get("emulator_zero_shot")
+    if llm is None or emulator is None or llm <= 0:
+        return None
+    return 100 * emulator / llm
+
+
+def bytes_per_round(run: dict[str, Any]) -> dict[str, float | None]:
+    """Per client: the one-off hand-out (setup), and the mean bytes per round each way."""
+    clients = max(1, int(run.get("num_clients") or 1))
+    history = run.get("history") or []
+    to_clients = [row["bytes_to_clients"] for row in history if row.get("bytes_to_clients") is not None]
+    to_server = [row["bytes_to_server"] for row in history if row.get("bytes_to_server") is not None]
+    total_to_clients = run["cost"].get("bytes_to_clients")
+    setup = None if total_to_clients is None else (total_to_clients - sum(to_clients)) / clients
+    return {
+        "setup_to_each_client": setup,
+        "round_to_each_client": sum(to_clients) / len(to_clients) / clients if to_clients else None,
+        "round_from_each_client": sum(to_server) / len(to_server) / clients if to_server else None,
+    }
+
+
+def bytes_table(
+    runs: Sequence[dict[str, Any]], labels: Sequence[str], full_model_bytes: float | None = None
+) -> list[str]:
+    """Communication per run: what each client receives once, then per round each way, next to the LLM's size."""
+    header = ["run", "hand-out to each client (once)", "per round to each client", "per round from each client"]
+    if full_model_bytes:
+        header += ["full model", "per round from each client / full model"]
+    rows = []
+    for label, run in zip(labels, runs, strict=True):
+        sizes = bytes_per_round(run)
+        row = [
+            label,
+            format_bytes(sizes["setup_to_each_client"]),
+            format_bytes(sizes["round_to_each_client"]),
+            format_bytes(sizes["round_from_each_client"]),
+        ]
+        if full_model_bytes:
+            upload = sizes["round_from_each_client"]
+            row += [format_bytes(full_model_bytes), MISSING if upload is None else f"{upload / full_model_bytes:.2%}"]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def plot_utility_vs_privacy(runs: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Plug-in accuracy against capability leakage (CPL), one point per run: the trade-off a method makes.
+
+    Good methods sit top-left: high accuracy once the adapter is plugged in, low usefulness of the
+    hand-out on its own.
+    """
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^vP*Xh"
+    tasks = list({str(run["task"]): None for run in runs})
+    methods = list({str(run["method"]): None for run in runs})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown: set[str] = set()
+    for run in runs:
+        cpl, plugin = capability_leakage(run), run["metrics"].get("plugin")
+        if cpl is None or plugin is None:
+            continue
+        method, task = str(run["method"]), str(run["task"])
+        legend = f"{method} ({task})" if len(tasks) > 1 else method
+        axes.scatter(
+            cpl,
+            100 * plugin,
+            color=colors[methods.index(method) % len(colors)],
+            marker=markers[tasks.index(task) % len(markers)],
+            label=None if legend in shown else legend,
+        )
+        shown.add(legend)
+    axes.set_xlabel("capability leakage: emulator / LLM zero-shot (%)  (lower = more private)")
+    axes.set_ylabel("plug-in accuracy (%)")
+    axes.set_title("Utility vs capability privacy")
+    axes.grid(alpha=0.3)
+    if shown:
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    return _save(figure, path)

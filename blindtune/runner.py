@@ -14,6 +14,8 @@ from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_part
 from blindtune.federation.engine import run_federation
 from blindtune.methods import get_method
 from blindtune.methods.base import BaselineInputs
+from blindtune.privacy.audit import run_audits
+from blindtune.privacy.report import add_privacy_section
 from blindtune.report import write_report
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,9 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
         },
         "config": config.to_dict(),
     }
+    # What the privacy protections spent, the ledger check, and the audits the config asks for.
+    results["privacy"] = run_audits(config, out_dir, results, progress=progress)
     (out_dir / RESULTS).write_text(json.dumps(results, indent=2))
     write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
+    add_privacy_section(out_dir / "report.md", [results])
     return results

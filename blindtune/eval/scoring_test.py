@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -188,19 +187,15 @@ def test_generation_scores_the_extracted_answer(tiny: LoadedModel, monkeypatch: 
 
 
 @pytest.mark.slow
-def test_real_model_wordnet_supersense_200_examples_is_fast() -> None:
+def test_real_model_scores_above_chance_and_fast_path_matches_general_path() -> None:
     from blindtune.data.wordnet import load_noun_supersense
 
     loaded = load_model()
     examples = load_noun_supersense(None, 0).test[:200]
-    started = time.perf_counter()
     result = evaluate_choices(loaded.model, loaded.tokenizer, examples, progress=False)
-    elapsed = time.perf_counter() - started
-    print(f"\n200 wordnet-supersense examples: {elapsed:.1f} s, accuracy {result.accuracy:.3f}")
     assert result.num_examples == 200
-    # About 15 s on an idle 2-core CPU (a loop over all 2,000 prompt+option sequences took ~220 s); the
-    # bound leaves room for a busy machine.
-    assert elapsed < 60
+    # Chance is 0.10 over 10 balanced categories; SmolLM2-135M zero-shot is about 0.2-0.3.
+    assert result.accuracy > 0.15
     # The fast path must agree with scoring every (prompt + option) sequence on the real model too.
     general = scoring._general_loglikelihoods(
         loaded.model, loaded.tokenizer, examples[:10], 32, 512, scoring.tqdm(disable=True)

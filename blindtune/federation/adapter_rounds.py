@@ -22,12 +22,16 @@ from torch import nn
 from blindtune.data import Example
 from blindtune.federation.aggregation import ClientUpdate
 from blindtune.federation.checkpoint import latest_checkpoint, save_checkpoint
-from blindtune.federation.records import MessageKind, RecordKey, record_to_tensors, tensors_to_record
+from blindtune.federation.ledger import Direction
+from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
 from blindtune.federation.strategies import FedAvg
 from blindtune.models.adapters import AdapterState
 from blindtune.models.artefact import ArtefactSpec, describe, load_artefact, save_artefact, unique_state_dict
 from blindtune.models.loading import LoadedModel
+from blindtune.privacy.context import active_client_privacy, active_server_privacy, require_client_dp
+from blindtune.privacy.secagg import secagg_summary, secure_round
+from blindtune.privacy.server_dp import ServerSideDP
 from blindtune.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ def hand_out(exchange: Exchange, artefact: LoadedModel, layer_map: dict[int, int
             ),
         }
     )
-    exchange.send(MessageKind.SETUP, lambda _: setup, exchange.node_ids(), 0, min_replies)
+    exchange.send(MessageKind.SETUP, same_for_all(setup), exchange.node_ids(), 0, min_replies)
 
 
 @dataclass
@@ -93,6 +97,9 @@ def run_rounds(
         first_round = last_round + 1
         log.info("resuming after round %d from %s", last_round, settings.checkpoint_dir)
     nodes = exchange.node_ids()
+    # Secure aggregation / server-side DP / checks of client DP, when the server's policy asks for them.
+    privacy = active_server_privacy()
+    secagg, server_dp = _server_protections(privacy, strategy, first_round)
     for round_number in range(first_round, settings.rounds + 1):
         content = RecordDict(
             {
@@ -102,27 +109,42 @@ def run_rounds(
                 ),
             }
         )
-        replies = exchange.send(
-            MessageKind.TRAIN, lambda _, content=content: content, nodes, round_number, settings.min_replies
-        )
-        updates = [
-            ClientUpdate(
-                node,
-                record_to_tensors(reply[RecordKey.ADAPTER]),
-                int(reply[RecordKey.METRICS]["num_examples"]),
+        if secagg is not None:  # the server learns only the clients' weighted mean
+            mean, replies = secure_round(
+                exchange,
+                outcome.state,
+                strategy.returned_names(outcome.state),
+                content[RecordKey.INSTRUCTIONS],  # type: ignore[arg-type]
+                round_number,
+                settings.min_replies,
+                secagg,
             )
-            for node, reply in replies.items()
-        ]
-        kept, rejected = strategy.screen(updates, outcome.state, settings.max_update_norm_ratio)
-        for rejection in rejected:
-            exchange.fail(round_number, rejection.node_id, rejection.reason)
-        if len(kept) < settings.min_replies:
-            raise TooFewClientsError(
-                f"round {round_number}: {len(kept)} usable client updates, {settings.min_replies} required"
-            )
-        outcome.state = strategy.aggregate(kept, outcome.state)
-
-        kept_nodes = {update.node_id for update in kept}
+            outcome.state = {**outcome.state, **mean}
+            kept_nodes = set(replies)
+        else:
+            replies = exchange.send(MessageKind.TRAIN, same_for_all(content), nodes, round_number, settings.min_replies)
+            updates = [
+                ClientUpdate(
+                    node,
+                    arrays(reply, RecordKey.ADAPTER),
+                    int(number(reply, RecordKey.METRICS, "num_examples")),
+                )
+                for node, reply in replies.items()
+            ]
+            kept, rejected = strategy.screen(updates, outcome.state, settings.max_update_norm_ratio)
+            for rejection in rejected:
+                exchange.fail(round_number, rejection.node_id, rejection.reason)
+            if len(kept) < settings.min_replies:
+                raise TooFewClientsError(
+                    f"round {round_number}: {len(kept)} usable client updates, {settings.min_replies} required"
+                )
+            if server_dp is not None:  # clipped, uniformly averaged, noised: Flower's DP wrapper
+                names = strategy.returned_names(outcome.state)
+                outcome.state = server_dp.aggregate(round_number, kept, outcome.state, names, exchange.grid)
+            else:
+                outcome.state = strategy.aggregate(kept, outcome.state)
+            kept_nodes = {update.node_id for update in kept}
+        dp_epsilon = require_client_dp(privacy, replies, kept_nodes, round_number)  # None: client DP is off
         for node, reply in replies.items():
             outcome.clients.append(
                 {
@@ -132,14 +154,19 @@ def run_rounds(
                     **dict(reply[RecordKey.METRICS]),
                 }
             )
-        losses = [float(replies[node][RecordKey.METRICS]["train_loss"]) for node in kept_nodes]
+        losses = [number(replies[node], RecordKey.METRICS, "train_loss") for node in kept_nodes]
         bytes_this_round = exchange.ledger.bytes_by_round[round_number]
         row: dict[str, Any] = {
             "round": round_number,
             "train_loss": sum(losses) / len(losses),
-            "bytes_to_clients": bytes_this_round["to_clients"],
-            "bytes_to_server": bytes_this_round["to_server"],
+            "bytes_to_clients": bytes_this_round[Direction.TO_CLIENTS],
+            "bytes_to_server": bytes_this_round[Direction.TO_SERVER],
         }
+        if dp_epsilon is not None:
+            row["dp_epsilon"] = dp_epsilon
+        if server_dp is not None:
+            row["server_dp_epsilon"] = server_dp.summary()["epsilon"]
+            privacy.report["server_dp"] = server_dp.summary()  # type: ignore[union-attr]
         if settings.evaluate_every_round or round_number == settings.rounds:
             with strategy.plugged_in(llm, outcome.state) as adapted:
                 row["plugin"] = evaluate(adapted, round_number)
@@ -151,13 +178,37 @@ def run_rounds(
     return outcome
 
 
+def _server_protections(privacy: Any, strategy: FedAvg, first_round: int) -> tuple[Any, Any]:
+    """SecAgg+ settings and a server-side DP aggregator, each None when the policy does not ask for it."""
+    if privacy is None:
+        return None, None
+    privacy.applied = True
+    config = privacy.config
+    if config.server_side and type(strategy).aggregate is not FedAvg.aggregate:
+        raise ValueError(
+            f"strategy {strategy.name} does not aggregate by a weighted mean, which secure aggregation and "
+            "server-side DP compute"
+        )
+    if config.secagg.enabled:
+        privacy.report["secagg"] = secagg_summary(config.secagg)
+        return config.secagg, None
+    if config.server_dp.enabled:
+        return None, ServerSideDP(config.server_dp, rounds_done=first_round - 1)
+    return None, None
+
+
+def same_for_all(content: RecordDict) -> Callable[[int], RecordDict]:
+    """A per-node content function that sends every node the same message."""
+    return lambda _node: content
+
+
 # ---- client side -------------------------------------------------------------------------------
 
 
 def store_artefact(content: RecordDict, workdir: Path) -> RecordDict:
     """Keep the handed-out artefact and its adapter layer map in the client's work directory."""
     spec = ArtefactSpec.from_json(str(content[RecordKey.ARTEFACT_SPEC]["json"]))
-    tensors = record_to_tensors(content[RecordKey.ARTEFACT])
+    tensors = arrays(content, RecordKey.ARTEFACT)
     save_artefact(workdir, spec, tensors)
     instructions = content[RecordKey.INSTRUCTIONS]
     positions = [int(p) for p in instructions[ADAPTER_POSITIONS]]  # type: ignore[union-attr]
@@ -181,22 +232,41 @@ def train_round(
     examples, reply with the trained part of the adapter."""
     artefact = load_artefact(workdir)
     layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
-    instructions = content[RecordKey.INSTRUCTIONS]
-    seed = int(instructions[SEED])  # type: ignore[arg-type]
-    round_number = int(instructions[ROUND])  # type: ignore[arg-type]
+    seed = int(number(content, RecordKey.INSTRUCTIONS, SEED))
+    round_number = int(number(content, RecordKey.INSTRUCTIONS, ROUND))
     adapted = strategy.prepare_client(
-        artefact.model, record_to_tensors(content[RecordKey.ADAPTER]), layer_map, lora_rank, seed
+        artefact.model, arrays(content, RecordKey.ADAPTER), layer_map, lora_rank, seed
     )
-    train_config = dataclasses.replace(train_config, proximal_mu=float(instructions[PROXIMAL_MU]))  # type: ignore[arg-type]
-    stats = train(
-        adapted.model,
-        artefact.tokenizer,
-        examples,
-        train_config,
-        seed=seed * 1_000_003 + round_number * 1009 + client_index,
-        progress=False,
-        desc=f"client {client_index} round {round_number}",
-    )
+    train_config = dataclasses.replace(train_config, proximal_mu=number(content, RecordKey.INSTRUCTIONS, PROXIMAL_MU))
+    privacy = active_client_privacy()
+    dp_metrics: dict[str, float | int] = {}
+    if privacy is not None and privacy.config.dp.enabled:  # DP-SGD; refuses (raises) rather than train without
+        from blindtune.privacy.dp import train_private
+
+        stats, spent = train_private(
+            adapted.model,
+            artefact.tokenizer,
+            examples,
+            train_config,
+            privacy.config.dp,
+            workdir,
+            seed=seed * 1_000_003 + round_number * 1009 + client_index,
+            round_number=round_number,
+            planned_rounds=privacy.planned_rounds,
+            progress=False,
+            desc=f"client {client_index} round {round_number} (DP)",
+        )
+        dp_metrics = spent.metrics()
+    else:
+        stats = train(
+            adapted.model,
+            artefact.tokenizer,
+            examples,
+            train_config,
+            seed=seed * 1_000_003 + round_number * 1009 + client_index,
+            progress=False,
+            desc=f"client {client_index} round {round_number}",
+        )
     return RecordDict(
         {
             RecordKey.ADAPTER: tensors_to_record(adapted.state()),
@@ -207,6 +277,7 @@ def train_round(
                     "train_loss": stats.mean_loss,
                     "train_seconds": stats.seconds,
                     "train_tokens": stats.tokens_seen,
+                    **dp_metrics,
                 }
             ),
         }

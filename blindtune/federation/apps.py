@@ -23,6 +23,11 @@ from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
 from blindtune.methods import get_method
 from blindtune.methods.base import ClientRun, ServerRun
+from blindtune.privacy.accountant import reset_accountant
+from blindtune.privacy.audit import server_privacy_results
+from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
+from blindtune.privacy.ledger_check import TrafficAudit
+from blindtune.privacy.secagg import client_mods
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +50,13 @@ def build_apps(
 
     @server_app.main()
     def server_main(grid: Grid, context: Context) -> None:
-        exchange = Exchange(grid, timeout_seconds=config.federation.client_timeout_seconds)
+        # The ledger check reads every reply the server receives, whichever code path sends it.
+        traffic = TrafficAudit(grid) if config.privacy.audit.ledger else None
+        exchange = Exchange(traffic or grid, timeout_seconds=config.federation.client_timeout_seconds)
+        policy: ServerPrivacy | None = None
         try:
-            result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
+            with server_privacy(config.privacy) as policy:
+                result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             result["status"] = "completed"
         except Exception as error:  # record why the run stopped, then let the engine see the error
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -55,6 +64,7 @@ def build_apps(
         finally:
             result["cost"] = exchange.ledger.to_dict()
             result["failures"] = [f.to_dict() for f in exchange.failures]
+            result.update(server_privacy_results(config, method, policy, traffic))
             (out_dir / FEDERATION_RESULT).write_text(json.dumps(result, indent=2))
 
     def handle(message: Message, context: Context) -> Message:
@@ -66,11 +76,15 @@ def build_apps(
             )
         workdir = out_dir / "clients" / f"client-{partition_id}"
         workdir.mkdir(parents=True, exist_ok=True)
-        examples = client_partitions(config)[partition_id]
+        examples = client_partitions(config)[partition_id][: config.privacy.audit.limit_client_examples]
         run = ClientRun(config=config, partition_id=partition_id, examples=examples, workdir=workdir)
-        reply = method.client(MessageKind(message.metadata.message_type), message.content, run)
+        kind = MessageKind(message.metadata.message_type)
+        if kind is MessageKind.SETUP and not resume:
+            reset_accountant(workdir)  # a new run: its privacy accounting starts from zero
+        with client_privacy(config.privacy, workdir, config.federation.rounds):
+            reply = method.client(kind, message.content, run)
         return Message(reply, reply_to=message)
 
     client_app.query("setup")(handle)
-    client_app.train()(handle)
+    client_app.train(mods=client_mods(config.privacy.secagg))(handle)
     return server_app, client_app

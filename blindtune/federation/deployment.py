@@ -34,7 +34,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -56,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CONNECTION = "blindtune"  # the SuperLink connection name in the launcher's private Flower config
 LOGS = "logs"
+FLWR_HOME_DIR = ".flwr-home"
 HOST = "127.0.0.1"
 SERVER_APP = "blindtune.federation.flower_app:server_app"
 CLIENT_APP = "blindtune.federation.flower_app:client_app"
@@ -120,7 +120,7 @@ def deployment_config(config: RunConfig, num_clients: int | None = None) -> RunC
     return dataclasses.replace(config, federation=federation)
 
 
-_ACTIVE: contextvars.ContextVar[tuple[RunConfig, Path, DeploymentOptions] | None] = contextvars.ContextVar(
+_ACTIVE: contextvars.ContextVar[tuple[RunConfig, Path, DeploymentOptions, bool] | None] = contextvars.ContextVar(
     "blindtune_deployment", default=None
 )
 
@@ -133,19 +133,21 @@ def launch(
     *,
     options: DeploymentOptions | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment `config` describes on a loopback deployment of `num_clients` SuperNodes.
 
     Writes what `blindtune run` writes (results.json, report.md, federation.json, checkpoints) plus
-    `logs/` with every process's output, and returns the results.
+    `logs/` with every process's output, and returns the results. `resume` continues the interrupted
+    run in `out_dir`, as `blindtune run --resume` does.
     """
     from blindtune.runner import run_experiment
 
     options = dataclasses.replace(options or DeploymentOptions(), tls=tls or (options.tls if options else None))
     config = deployment_config(config, num_clients)
-    token = _ACTIVE.set((config, out_dir, options))
+    token = _ACTIVE.set((config, out_dir, options, resume))
     try:
-        return run_experiment(config, out_dir, progress)
+        return run_experiment(config, out_dir, progress, resume)
     finally:
         _ACTIVE.reset(token)
 
@@ -158,13 +160,15 @@ def run_active_deployment(num_clients: int) -> None:
             "federation.engine `deployment` starts real processes: run it with `blindtune launch` "
             "(blindtune.federation.deployment.launch) or call run_deployment(config, out_dir)"
         )
-    config, out_dir, options = active
+    config, out_dir, options, resume = active
     if num_clients != config.federation.num_clients:
         raise DeploymentError(f"asked for {num_clients} clients, the run config has {config.federation.num_clients}")
-    run_deployment(config, out_dir, options)
+    run_deployment(config, out_dir, options, resume)
 
 
-def run_deployment(config: RunConfig, out_dir: Path, options: DeploymentOptions | None = None) -> dict[str, Any]:
+def run_deployment(
+    config: RunConfig, out_dir: Path, options: DeploymentOptions | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Run only the federation of `config` on a loopback deployment; return `out_dir/federation.json`.
 
     One SuperNode per `config.federation.num_clients`. Raises DeploymentError when a process dies or
@@ -173,7 +177,7 @@ def run_deployment(config: RunConfig, out_dir: Path, options: DeploymentOptions 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _signals_raise(), Deployment(out_dir, config.federation.num_clients, options) as deployment:
-        return deployment.run(config)
+        return deployment.run(config, resume)
 
 
 @dataclass
@@ -233,7 +237,10 @@ class Deployment:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._home = Path(tempfile.mkdtemp(prefix="blindtune-flwr-"))
+        # Flower's home for this deployment only (CLI connection, installed FABs); removed at stop.
+        self._home = self.out_dir / FLWR_HOME_DIR
+        shutil.rmtree(self._home, ignore_errors=True)  # left over by a launcher that was killed
+        self._home.mkdir(parents=True)
         ports = free_ports(1 + self.num_clients)
         self.superlink_port, self.supernode_ports = ports[0], ports[1:]
         self._write_flower_config()
@@ -283,13 +290,13 @@ class Deployment:
 
     # the run ---------------------------------------------------------------------------------------
 
-    def run(self, config: RunConfig) -> dict[str, Any]:
+    def run(self, config: RunConfig, resume: bool = False) -> dict[str, Any]:
         """Submit `config` with `flwr run`, wait until the run finishes, return federation.json."""
         if config.federation.num_clients != self.num_clients:
             raise DeploymentError(f"the run needs {config.federation.num_clients} clients, {self.num_clients} are up")
         result_file = self.out_dir / FEDERATION_RESULT
         result_file.unlink(missing_ok=True)
-        run_id = self.submit(config)
+        run_id = self.submit(config, resume)
         status = self.wait(run_id, result_file)
         server_log = self.log_dir / "serverapp.log"
         self.save_server_log(run_id, server_log)
@@ -300,13 +307,13 @@ class Deployment:
             )
         return dict(json.loads(result_file.read_text()))
 
-    def submit(self, config: RunConfig) -> int:
+    def submit(self, config: RunConfig, resume: bool = False) -> int:
         assert self._home is not None
         app_dir = self._home / "app"
         app_dir.mkdir(exist_ok=True)
         (app_dir / "pyproject.toml").write_text(app_pyproject())
         entries = run_config_entries(
-            config, self.out_dir, self.options.app_progress, wait_for_nodes_seconds=self.options.startup_timeout_seconds
+            config, self.out_dir, self.options.app_progress, self.options.startup_timeout_seconds, resume
         )
         run_config = self._home / "run_config.toml"
         run_config.write_text(tomli_w.dumps(entries))
@@ -325,16 +332,27 @@ class Deployment:
         started = time.monotonic()
         timeout = self.options.run_timeout_seconds
         next_status = 0.0
+        result_seen = False
+        failed_queries = 0
         while True:
             self._check_alive(self.processes)
             now = time.monotonic()
+            if not result_seen and result_file.exists():
+                result_seen, next_status = True, now  # the server is done: ask at once
             if now >= next_status:
-                status = self.run_status(run_id)
+                try:
+                    status = self.run_status(run_id)
+                    failed_queries = 0
+                except DeploymentError:  # a busy SuperLink may miss one query; a dead one is caught above
+                    failed_queries += 1
+                    if failed_queries >= 3:
+                        raise
+                    status = "unknown"
                 if status.startswith("finished"):
                     log.info("run %d %s after %.1f s", run_id, status, now - started)
                     return status
                 # The CLI costs a second of CPU: ask rarely until the server has written its result.
-                next_status = now + (1.0 if result_file.exists() else 10.0)
+                next_status = now + (1.0 if result_seen else 15.0)
             if timeout is not None and now - started > timeout:
                 with contextlib.suppress(DeploymentError):
                     self._flwr(["stop", str(run_id), CONNECTION], "stop the run")
@@ -518,6 +536,7 @@ def app_pyproject() -> str:
                         "config-file": "",
                         "out-dir": "",
                         "progress": False,
+                        "resume": False,
                         "wait-for-nodes-seconds": 300.0,
                     },
                 }
@@ -535,9 +554,7 @@ def write_node_key_pair(path: Path) -> Path:
     key = ec.generate_private_key(ec.SECP384R1())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     )
     path.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

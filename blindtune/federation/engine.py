@@ -25,7 +25,9 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class InProcessGrid(Grid):
         return None
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         raise NotImplementedError("the in-process grid has no Run object")
 
     def create_message(
@@ -80,7 +82,7 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self._contexts)
 
-    def get_nodes(self):  # type: ignore[no-untyped-def]
+    def get_nodes(self) -> Iterable[NodeInfo]:
         raise NotImplementedError("use get_node_ids")
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

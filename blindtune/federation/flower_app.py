@@ -9,6 +9,7 @@ the run: it travels in the run config (`[tool.flwr.app.config]` in pyproject.tom
 - `config-file`: a run config YAML: a path, or the name of a config packaged in `blindtune/configs/`;
 - `out-dir`: where the server writes `federation.json`, checkpoints and the clients their state;
 - `progress`: show progress bars in the app processes' logs;
+- `resume`: continue the interrupted run in `out-dir` after its last complete round;
 - `wait-for-nodes-seconds`: how long the server waits for all `num_clients` SuperNodes to connect.
 
 Node config keys (`flower-supernode --node-config`): `partition-id` and `num-partitions` (which
@@ -31,7 +32,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from blindtune.config import ConfigError, RunConfig, load_run_config, run_config_from_dict
 from blindtune.federation.apps import build_apps
-from blindtune.federation.records import MessageKind
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ CONFIG_JSON = "blindtune-config"
 CONFIG_FILE = "config-file"
 OUT_DIR = "out-dir"
 PROGRESS = "progress"
+RESUME = "resume"
 WAIT_FOR_NODES = "wait-for-nodes-seconds"
 WORKDIR = "workdir"
 
@@ -46,13 +47,18 @@ DEFAULT_WAIT_FOR_NODES_SECONDS = 300.0
 
 
 def run_config_entries(
-    config: RunConfig, out_dir: Path, progress: bool = False, wait_for_nodes_seconds: float | None = None
+    config: RunConfig,
+    out_dir: Path,
+    progress: bool = False,
+    wait_for_nodes_seconds: float | None = None,
+    resume: bool = False,
 ) -> dict[str, str | bool | float]:
     """The Flower run config that makes the deployed apps run `config` and write to `out_dir`."""
     entries: dict[str, str | bool | float] = {
         CONFIG_JSON: config.to_json(),
         OUT_DIR: str(out_dir.resolve()),
         PROGRESS: progress,
+        RESUME: resume,
     }
     if wait_for_nodes_seconds is not None:
         entries[WAIT_FOR_NODES] = float(wait_for_nodes_seconds)
@@ -84,8 +90,8 @@ def _out_dir(run_config: dict) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _apps(config_json: str, out_dir: str, progress: bool) -> tuple[ServerApp, ClientApp]:
-    return build_apps(run_config_from_dict(json.loads(config_json)), Path(out_dir), progress)
+def _apps(config_json: str, out_dir: str, progress: bool, resume: bool) -> tuple[ServerApp, ClientApp]:
+    return build_apps(run_config_from_dict(json.loads(config_json)), Path(out_dir), progress, resume)
 
 
 def apps_for(context: Context, out_dir: Path | None = None) -> tuple[ServerApp, ClientApp]:
@@ -93,7 +99,8 @@ def apps_for(context: Context, out_dir: Path | None = None) -> tuple[ServerApp, 
     run_config = dict(context.run_config)
     config = config_from_run_config(run_config)
     directory = out_dir if out_dir is not None else _out_dir(run_config)
-    return _apps(config.to_json(), str(directory), bool(run_config.get(PROGRESS, False)))
+    progress, resume = bool(run_config.get(PROGRESS, False)), bool(run_config.get(RESUME, False))
+    return _apps(config.to_json(), str(directory), progress, resume)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_seconds: float, poll_seconds: float = 1.0) -> list[int]:
@@ -124,16 +131,16 @@ def _server_main(grid: Grid, context: Context) -> None:
     inner_server_app(grid, context)
 
 
-client_app = ClientApp()
+class _RunConfiguredClientApp(ClientApp):
+    """Hands every message, whatever its type, to the ClientApp `build_apps` makes for the message's run.
+
+    The built app applies its own mods (e.g. secure aggregation), so nothing is registered here.
+    """
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        workdir = context.node_config.get(WORKDIR)
+        _, inner_client_app = apps_for(context, Path(str(workdir)).expanduser().resolve() if workdir else None)
+        return inner_client_app(message, context)
 
 
-def _client_handle(message: Message, context: Context) -> Message:
-    workdir = context.node_config.get(WORKDIR)
-    _, inner_client_app = apps_for(context, Path(str(workdir)).expanduser().resolve() if workdir else None)
-    return inner_client_app(message, context)
-
-
-for _kind in MessageKind:
-    _category, _, _action = str(_kind).partition(".")
-    _register = getattr(client_app, _category)
-    (_register(_action) if _action else _register())(_client_handle)
+client_app = _RunConfiguredClientApp()

@@ -38,3 +38,19 @@ def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def record_bytes(content: RecordDict) -> dict[str, int]:
     """Payload bytes of each record in a message, keyed by record name."""
     return {name: record.count_bytes() for name, record in content.items()}
+
+
+def arrays(content: RecordDict, key: RecordKey) -> dict[str, torch.Tensor]:
+    """The tensors of an ArrayRecord in a message (a clear error if the record is missing)."""
+    if key not in content.array_records:
+        raise ValueError(f"message has no array record {key!r}")
+    return record_to_tensors(content.array_records[key])
+
+
+def number(content: RecordDict, record: RecordKey, key: str) -> float:
+    """A scalar from a Metric/ConfigRecord in a message (a clear error if absent or not a number)."""
+    values = content.metric_records.get(record) or content.config_records.get(record)
+    value = None if values is None else values.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"message record {record!r} has no number {key!r} (got {value!r})")
+    return float(value)

@@ -57,7 +57,8 @@ def faulty_client(monkeypatch):
                 raise RuntimeError("client 1 lost its GPU")
             state = record_to_tensors(reply[RecordKey.ADAPTER])
             state = {name: torch.full_like(t, math.nan) for name, t in state.items()}
-            return RecordDict({RecordKey.ADAPTER: tensors_to_record(state), RecordKey.METRICS: reply[RecordKey.METRICS]})
+            metrics = reply[RecordKey.METRICS]
+            return RecordDict({RecordKey.ADAPTER: tensors_to_record(state), RecordKey.METRICS: metrics})
         return reply
 
     monkeypatch.setattr(OffsiteTuning, "client", client)

@@ -148,7 +148,7 @@ class FLoRA(FedAvg):
         return split_outliers(shaped, norms, max_norm_ratio, rejected)
 
     def _expected_shapes(self, state: AdapterState) -> dict[str, tuple[int, ...]]:
-        shapes = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for name, template in self.template.items():
             a_name = name.replace(".lora_B.", ".lora_A.")
             rank = state[a_name].shape[0] if a_name in state and state[a_name].dim() == 2 else template.shape[0]

@@ -71,7 +71,7 @@ class BaselineInputs:
 
 class Method(Protocol):
     name: str
-    config_class: type
+    config_class: type[Any]
 
     def server(self, run: ServerRun) -> dict[str, Any]:
         """Run the federation; return results (metrics, history, clients) for results.json."""

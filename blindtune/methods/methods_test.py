@@ -23,3 +23,17 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
     assert results["failures"] == []
     assert (tmp_path / "report.md").is_file()
     assert (tmp_path / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_flower_simulation_engine_runs_the_same_apps(tiny_model_dir, tmp_path):
+    config = tiny_run_config(
+        "offsite",
+        tiny_model_dir,
+        {"federation": {"engine": "simulation"}, "baselines": {"centralized": False, "local_only": False}},
+    )
+    results = run_experiment(config, tmp_path, progress=False)
+    assert [row["round"] for row in results["history"]] == [1, 2]
+    assert len({row["node_id"] for row in results["clients"]}) == 2
+    assert results["failures"] == [] and 0.0 <= results["metrics"]["plugin"] <= 1.0

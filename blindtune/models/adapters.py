@@ -148,7 +148,7 @@ def attach_adapter(
         return AdaptedModel(model=model, source_of_position=source_of_position)
     lora = LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=0.0,
         target_modules=list(config.lora_targets),
         layers_to_transform=sorted(source_of_position),
@@ -220,6 +220,7 @@ def plug_in(
                 raise IncompatibleAdapterError(f"{name}: the LLM has only {len(layers)} layers")
             module_path = inner.split(".lora_A.")[0]
             weight = layers[index].get_submodule(module_path).weight
+            assert isinstance(weight, torch.Tensor)
             scale = config.lora_alpha / lora_a.shape[0] if lora_scale is None else lora_scale
             delta = (lora_b.float() @ lora_a.float()) * scale
             if delta.shape != weight.shape:

@@ -88,7 +88,7 @@ class DistillConfig:
 
     steps: int = 100
     batch_size: int = 8
-    max_length: int = 48
+    max_length: int = 32
     learning_rate: float = 1e-4
     lm_weight: float = 1.0
     kd_weight: float = 30.0
@@ -114,7 +114,7 @@ class ElevationConfig:
     margin: float = 4.0
     steps: int = 100
     batch_size: int = 8
-    max_length: int = 48
+    max_length: int = 32
     learning_rate: float = 3e-4
     proxy: ProxyPrompts = field(default_factory=ProxyPrompts)
     adapter_weight_noise: float = 0.01
@@ -124,6 +124,21 @@ class ElevationConfig:
             raise ValueError(f"invalid elevation settings: {self}")
         if self.adapter_weight_noise < 0:
             raise ValueError(f"adapter_weight_noise must be >= 0, got {self.adapter_weight_noise}")
+
+
+@dataclass
+class PrivacyConfig:
+    """What the server measures about the emulator it hands out (results.json `privacy`).
+
+    extra_tasks: tasks besides the run's own on which zero-shot accuracy and CPL are measured too.
+    gradient_examples: validation examples of the run's task for the adapter-gradient cosine
+        (the experimenter's data, like the test split; never a client's).
+    ppl_max_length: tokens per held-out public text for the perplexity ratio.
+    """
+
+    extra_tasks: list[str] = field(default_factory=list)
+    gradient_examples: int = 8
+    ppl_max_length: int = 64
 
 
 # ---- public text -------------------------------------------------------------------------------
@@ -255,18 +270,23 @@ def proxy_prompts(model: nn.Module, rows: int, settings: ProxyPrompts, generator
 
 
 class _TextBatches:
-    """Seeded random batches of tokenised public texts."""
+    """Seeded random batches of public texts, tokenised when drawn (most texts are never drawn)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, seed: int) -> None:
-        encoded = [list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"]) for text in texts]
-        self.sequences = [ids for ids in encoded if len(ids) >= 2]
-        if not self.sequences:
-            raise ValueError("no public text of two or more tokens")
+        if not texts:
+            raise ValueError("no public text to train on")
+        self.tokenizer, self.texts, self.max_length = tokenizer, list(texts), max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rng = random.Random(seed)
 
     def next(self, size: int) -> tuple[Tensor, Tensor]:
-        return pad_right(self.rng.sample(self.sequences, min(size, len(self.sequences))), self.pad_id)
+        sequences: list[list[int]] = []
+        while len(sequences) < size:
+            text = self.texts[self.rng.randrange(len(self.texts))]
+            ids = list(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
+            if len(ids) >= 2:
+                sequences.append(ids)
+        return pad_right(sequences, self.pad_id)
 
 
 def _split(ids: Tensor, mask: Tensor, with_prompts: bool) -> list[tuple[bool, Tensor, Tensor]]:
@@ -581,3 +601,32 @@ def adapter_gradient_cosine(
         del adapted
     emulated, reference = gradients
     return F.cosine_similarity(emulated.float(), reference.float(), dim=0).item()
+
+
+def leakage_report(
+    llm: nn.Module,
+    emulator: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout_texts: Sequence[str],
+    zero_shot: dict[str, tuple[float, float]],
+    *,
+    margin: float | None = None,
+    max_length: int = 64,
+) -> dict[str, Any]:
+    """Perplexities on held-out public text and, per task, (LLM, emulator) zero-shot accuracy and CPL.
+
+    `cpl` is the first task's (the run's own); `expected_ppl_ratio` is e^H when a margin H was trained.
+    """
+    report: dict[str, Any] = perplexities(llm, emulator, tokenizer, heldout_texts, max_length=max_length)
+    if margin is not None:
+        report["expected_ppl_ratio"] = math.exp(margin)
+    report["tasks"] = {
+        task: {
+            "llm_zero_shot": llm_accuracy,
+            "emulator_zero_shot": emulator_accuracy,
+            "cpl": cpl(emulator_accuracy, llm_accuracy),
+        }
+        for task, (llm_accuracy, emulator_accuracy) in zero_shot.items()
+    }
+    report["cpl"] = next(iter(report["tasks"].values()))["cpl"] if zero_shot else float("nan")
+    return report

@@ -65,9 +65,9 @@ def test_hidden_state_losses_are_zero_for_an_emulator_identical_to_the_llm(tiny,
 
 def test_distillation_brings_the_middle_block_closer_to_the_llm(tiny, texts):
     pair = _pair(copy.deepcopy(tiny.model), keep_every=2)
-    config = DistillConfig(steps=30, batch_size=8, max_length=32, learning_rate=3e-3, ppd_weight=10.0)
+    config = DistillConfig(steps=20, batch_size=4, max_length=16, learning_rate=3e-3, ppd_weight=10.0)
     history = distill_emulator(pair, tiny.tokenizer, texts.train[:400], config, progress=False)
-    first, last = history[:5], history[-5:]
+    first, last = history[:4], history[-4:]
     assert sum(h["kd"] for h in last) < 0.7 * sum(h["kd"] for h in first)
     assert sum(h["ppd"] for h in last) < 0.7 * sum(h["ppd"] for h in first)
     adapter_params = [p for i in (0, 5) for p in pair.llm.get_decoder().layers[i].parameters()]
@@ -75,20 +75,24 @@ def test_distillation_brings_the_middle_block_closer_to_the_llm(tiny, texts):
     assert all(torch.equal(a, b) for a, b in zip(adapter_params, emulator_adapter, strict=True))  # adapters frozen
 
 
-def test_elevation_drives_the_measured_margin_toward_h(tiny, texts):
-    llm = copy.deepcopy(tiny.model)
+def test_elevation_drives_the_measured_margin_toward_h(texts):
+    # A random tiny model predicts almost uniformly, and its small head caps how much worse an emulator
+    # can get, so H is small here; on SmolLM2-135M the default H = 4 is reached (see the LLEOT docs).
+    wider = tiny_model(num_layers=6, hidden_size=64)
+    llm, reference = wider.model, copy.deepcopy(wider.model)
     pair = _pair(llm, keep_every=2)
-    margin = 2.0
-    before = perplexities(llm, pair.emulator, tiny.tokenizer, texts.heldout[:40], max_length=32)
-    config = ElevationConfig(margin=margin, steps=60, batch_size=8, max_length=32, learning_rate=1e-2)
-    history = elevate_emulator(pair, tiny.tokenizer, texts.train[:400], config, progress=False)
-    after = perplexities(llm, pair.emulator, tiny.tokenizer, texts.heldout[:40], max_length=32)
+    margin = 0.3
+    before = perplexities(llm, pair.emulator, wider.tokenizer, texts.heldout[:40], max_length=16)
+    config = ElevationConfig(margin=margin, steps=40, batch_size=4, max_length=16, learning_rate=5e-2)
+    history = elevate_emulator(pair, wider.tokenizer, texts.train[:400], config, progress=False)
+    after = perplexities(llm, pair.emulator, wider.tokenizer, texts.heldout[:40], max_length=16)
     measured_before, measured_after = math.log(before["ppl_ratio"]), math.log(after["ppl_ratio"])
+    assert abs(measured_before - margin) > 0.25
     assert abs(measured_after - margin) < 0.5 * abs(measured_before - margin)
-    assert abs(measured_after - margin) < 0.6
-    assert history[-1]["deviation"] < history[0]["deviation"]
-    # the LLM's adapter layers, perturbed during elevation, are restored exactly
-    assert torch.equal(llm.get_decoder().layers[0].mlp.up_proj.weight, tiny.model.get_decoder().layers[0].mlp.up_proj.weight)
+    assert sum(h["margin"] for h in history[-10:]) > sum(h["margin"] for h in history[:10]) + 0.5
+    # the LLM itself is untouched: its adapter layers, perturbed during elevation, are restored exactly
+    for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_measurements_on_an_identical_emulator(tiny, texts):

@@ -71,8 +71,8 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are ordinary float tensors; drop the GGUF marker so they save as safetensors.
     del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename, so an interrupted conversion never leaves a half cache.
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))

@@ -88,6 +88,9 @@ class ServerDPConfig:
     noise_multiplier: noise standard deviation in units of the clipping norm.
     clipping_norm: the clipping bound (the initial one for `adaptive`).
     target_clipped_quantile, clip_norm_lr: adaptive clipping's target quantile and step size.
+    clipped_count_stddev: adaptive clipping's noise on the count of clipped updates. None: Flower's
+        default, clients / 20, which must exceed noise_multiplier / 2 (with few clients, set it; the
+        update noise grows so that the total still amounts to `noise_multiplier`).
     delta: delta for the reported client-level epsilon (every client takes part in every round).
     """
 
@@ -97,6 +100,7 @@ class ServerDPConfig:
     clipping_norm: float = 1.0
     target_clipped_quantile: float = 0.5
     clip_norm_lr: float = 0.2
+    clipped_count_stddev: float | None = None
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -120,7 +124,8 @@ class SecAggConfig:
     threshold_fraction: fraction of those shares needed to reconstruct a secret (dropout tolerance).
     clipping_range: adapter values are clipped to [-clipping_range, clipping_range] before quantisation.
     quantization_range: integers per value after quantisation (resolution 2 * clipping_range / this).
-    max_weight: the largest client weight (its number of examples) the protocol expects.
+    max_weight: at least the largest client weight (its number of examples); a client weighs its
+        values by weight / max_weight before quantising, so a much larger bound costs precision.
     timeout_seconds: how long each of the four protocol stages waits for replies (None: forever).
     """
 
@@ -129,7 +134,7 @@ class SecAggConfig:
     threshold_fraction: float = 0.67
     clipping_range: float = 8.0
     quantization_range: int = 2**22
-    max_weight: float = 100_000.0
+    max_weight: float = 10_000.0
     timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:

@@ -10,12 +10,17 @@ a method whose client bypasses the DP trainer fails loudly instead of training w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from flwr.app import RecordDict
+
+from blindtune.federation.records import RecordKey
 from blindtune.privacy.config import PrivacyConfig
 from blindtune.training.loop import private_training_required
 
@@ -35,10 +40,11 @@ class ClientPrivacy:
 
 @dataclass
 class ServerPrivacy:
-    """The server's policy; `applied` is set by the round loop that honoured it."""
+    """The server's policy; the round loop that honours it sets `applied` and fills `report`."""
 
     config: PrivacyConfig
     applied: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 _client: ContextVar[ClientPrivacy | None] = ContextVar("blindtune_client_privacy", default=None)
@@ -84,3 +90,24 @@ def active_client_privacy() -> ClientPrivacy | None:
 
 def active_server_privacy() -> ServerPrivacy | None:
     return _server.get()
+
+
+def require_client_dp(
+    policy: ServerPrivacy | None, replies: Mapping[int, RecordDict], used: Collection[int], round_number: int
+) -> float | None:
+    """With client DP configured, every used reply must carry its accountant's epsilon: a client that
+    trained without DP (a method whose client path bypasses it) stops the run. Returns the round's
+    largest epsilon (None when client DP is off; inf when a client reports no noise)."""
+    if policy is None or not policy.config.dp.enabled:
+        return None
+    values = []
+    for node in used:
+        metrics = replies[node][RecordKey.METRICS]
+        if "dp_epsilon" not in metrics:  # type: ignore[operator]
+            raise PrivacyNotAppliedError(
+                f"round {round_number}: client {node} replied without a DP accountant figure although "
+                "privacy.dp is enabled: its update may not be differentially private"
+            )
+        value = float(metrics["dp_epsilon"])  # type: ignore[index,arg-type]
+        values.append(math.inf if value < 0 else value)
+    return max(values) if values else None

@@ -65,6 +65,7 @@ class PrivacySpent:
     steps: int  # this call
     total_steps: int
     accountant: str
+    noise_only_steps: int = 0  # this call's steps whose Poisson batch was empty
 
     def metrics(self) -> dict[str, float | int]:
         """Flat numbers for a client's MetricRecord (an infinite epsilon is sent as -1)."""
@@ -212,7 +213,7 @@ def train_private(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses: list[float] = []
-    tokens = examples_seen = steps = 0
+    tokens = examples_seen = steps = empty = 0
     started = time.perf_counter()
     bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=False)
     try:
@@ -228,14 +229,19 @@ def train_private(
                     loss = per_example_loss(model, batch).mean()
                     if not math.isfinite(loss.item()):
                         raise NonFiniteLossError(f"{desc}: loss became {loss.item()} after {steps} steps")
-                    loss.backward()
+                    with warnings.catch_warnings():  # Opacus' hooks also fire where inputs need no gradient
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                        loss.backward()
                     _check_grad_samples(parameters, len(batch_examples))
                     losses.append(loss.item())
                     tokens += int(batch.attention_mask.sum())
                     examples_seen += len(batch_examples)
                 else:  # an empty Poisson batch: the step is noise only, and still counts
+                    empty += 1
                     for parameter in parameters:
-                        parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+                        parameter.grad_sample = torch.zeros(
+                            (0, *parameter.shape), dtype=parameter.dtype, device=parameter.device
+                        )
                 dp_optimizer.step()
                 dp_optimizer.zero_grad(set_to_none=True)
                 steps += 1
@@ -265,5 +271,6 @@ def train_private(
         steps=steps,
         total_steps=state.steps,
         accountant=str(dp.accountant),
+        noise_only_steps=empty,
     )
     return stats, spent

@@ -15,8 +15,9 @@ class DelegatingGrid(Grid):
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
 
-    def outgoing(self, messages: list[Message]) -> None:
-        """Called with the messages about to be sent."""
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        """Called with the messages about to be sent; returns what is sent instead (the same by default)."""
+        return messages
 
     def incoming(self, replies: list[Message]) -> None:
         """Called with the replies received."""
@@ -40,9 +41,7 @@ class DelegatingGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        self.outgoing(messages)
-        return self.inner.push_messages(messages)
+        return self.inner.push_messages(self.outgoing(list(messages)))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.inner.pull_messages(message_ids))
@@ -50,8 +49,6 @@ class DelegatingGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self.outgoing(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        replies = list(self.inner.send_and_receive(self.outgoing(list(messages)), timeout=timeout))
         self.incoming(replies)
         return replies

@@ -20,6 +20,7 @@ this mode: screen individual updates (norm outliers, NaN), or aggregate other th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -68,14 +69,36 @@ class LedgerGrid(DelegatingGrid):
         self._ledger = ledger
         self._round = round_number
 
-    def outgoing(self, messages: list[Message]) -> None:
+    def outgoing(self, messages: list[Message]) -> list[Message]:
         for message in messages:
-            self._ledger.record(Direction.TO_CLIENTS, message.content, self._round)
+            self._ledger.record(Direction.TO_CLIENTS, _countable(message.content), self._round)
+        # Each node gets its own copy of the content, as over any real transport: the workflow sends one
+        # RecordDict to every node and secaggplus_mod edits what it receives, which an in-process grid
+        # (passing objects, not bytes) would otherwise let one node do to the others' messages.
+        return [
+            Message(
+                copy.deepcopy(message.content),
+                dst_node_id=message.metadata.dst_node_id,
+                message_type=message.metadata.message_type,
+                group_id=message.metadata.group_id,
+            )
+            for message in messages
+        ]
 
     def incoming(self, replies: list[Message]) -> None:
         for reply in replies:
             if not reply.has_error():
-                self._ledger.record(Direction.TO_SERVER, reply.content, self._round)
+                self._ledger.record(Direction.TO_SERVER, _countable(reply.content), self._round)
+
+
+def _countable(content: RecordDict) -> RecordDict:
+    """`content` without empty lists in its config records (0 bytes, which Flower 1.41 cannot count)."""
+    countable = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ConfigRecord) and any(isinstance(v, list) and not v for v in record.values()):
+            record = ConfigRecord({k: v for k, v in record.items() if not (isinstance(v, list) and not v)})
+        countable[name] = record
+    return countable
 
 
 @dataclass
@@ -123,6 +146,20 @@ def workflow(config: SecAggConfig) -> SecAggPlusWorkflow:
         quantization_range=config.quantization_range,
         timeout=config.timeout_seconds,
     )
+
+
+def secagg_summary(config: SecAggConfig) -> dict[str, Any]:
+    """How the run aggregated, for results.json."""
+    return {
+        "enabled": True,
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow on the server, secaggplus_mod on the clients)",
+        "share_fraction": config.share_fraction,
+        "threshold_fraction": config.threshold_fraction,
+        "clipping_range": config.clipping_range,
+        "quantization_step": 2 * config.clipping_range / config.quantization_range,
+        "server_sees": "the example-weighted mean of the client adapters, and each client's metrics",
+        "update_screening": "none (individual updates are masked)",
+    }
 
 
 def _to_arrays(state: AdapterState, names: list[str]) -> list[np.ndarray]:

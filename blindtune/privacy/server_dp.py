@@ -40,10 +40,11 @@ def _record(state: AdapterState, names: list[str]) -> ArrayRecord:
 class ServerSideDP:
     """Aggregates one round at a time with Flower's server-side DP wrapper; keeps the accounting."""
 
-    def __init__(self, config: ServerDPConfig) -> None:
+    def __init__(self, config: ServerDPConfig, rounds_done: int = 0) -> None:
+        """`rounds_done`: rounds already released under this config (a resumed run accounts for them)."""
         self.config = config
         self.clipping_norm = config.clipping_norm
-        self.rounds = 0
+        self.rounds = rounds_done
         self.clipping_norms: list[float] = []
 
     def _wrapper(self, num_clients: int) -> Any:
@@ -62,6 +63,7 @@ class ServerSideDP:
                 initial_clipping_norm=self.clipping_norm,
                 target_clipped_quantile=self.config.target_clipped_quantile,
                 clip_norm_lr=self.config.clip_norm_lr,
+                clipped_count_stddev=self.config.clipped_count_stddev,
             )
         return DifferentialPrivacyServerSideFixedClipping(
             inner,

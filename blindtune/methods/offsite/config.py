@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blindtune.models.adapters import AdapterConfig
+from blindtune.models.distill import DistillConfig, PrivacyConfig
 
 
 @dataclass
@@ -13,9 +14,19 @@ class OffsiteConfig:
 
     adapter_layers_per_side: the bottom and top k decoder layers form the adapter.
     middle_keep_every: the emulator keeps 1 of every n middle layers (uniform layer drop).
-    adapter: what is trained on the adapter layers (full layers or LoRA).
+    adapter: what is trained on the adapter layers (full layers or LoRA), or a soft prompt.
+    distill: when set, the server distils the emulator's middle block towards the LLM on public text
+        before handing it out (Offsite-Tuning's NLD, "OT-distilled"); None hands out the uniform one.
+    public_text: the server's own text for distillation and the perplexity measurement
+        (see `blindtune.models.distill.public_texts`); never client data.
+    privacy: when set, measure the emulator's capability leakage (results.json `privacy`).
+    cache_emulator: reuse a distilled emulator from the user cache when the settings match.
     """
 
     adapter_layers_per_side: int = 3
     middle_keep_every: int = 3
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    distill: DistillConfig | None = None
+    public_text: str = "wordnet:adj,adv"
+    privacy: PrivacyConfig | None = None
+    cache_emulator: bool = True

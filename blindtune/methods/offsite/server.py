@@ -12,19 +12,23 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from blindtune.data import load_task
-from blindtune.federation.adapter_rounds import RoundSettings, hand_out, run_rounds
-from blindtune.federation.strategies import build_strategy
+from blindtune.federation.adapter_rounds import hand_out
+from blindtune.methods.adapter_tuning import federate
 from blindtune.methods.base import ServerRun
 from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.models import load_model
 from blindtune.models.adapters import untrained_adapter_state
+from blindtune.models.distill import adapter_gradient_cosine, leakage_report, prepare_emulator, public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
+
+if TYPE_CHECKING:
+    from blindtune.config import RunConfig
 
 
 def emulator_plan(llm: LoadedModel, method: OffsiteConfig) -> LayerPlan:
@@ -36,41 +40,81 @@ def adapter_layer_map(plan: LayerPlan) -> dict[int, int]:
     return {plan.emulator_position_of[source]: source for source in plan.adapter_layers}
 
 
+def handed_out_emulator(llm: LoadedModel, config: RunConfig, progress: bool) -> tuple[LayerPlan, LoadedModel]:
+    """The emulator clients receive: layer-dropped, and distilled on public text when configured."""
+    method: OffsiteConfig = config.method_config
+    plan = emulator_plan(llm, method)
+    emulator = LoadedModel(build_emulator(llm.model, plan), llm.tokenizer, "emulator")
+    if method.distill is not None:
+        prepare_emulator(
+            llm.model,
+            emulator.model,
+            plan,
+            llm.tokenizer,
+            public_texts(method.public_text, config.task, config.seed).train,
+            distill=method.distill,
+            seed=config.seed,
+            cache=method.cache_emulator,
+            progress=progress,
+        )
+    return plan, emulator
+
+
 def run_server(run: ServerRun) -> dict[str, Any]:
     config = run.config
     method: OffsiteConfig = config.method_config
     llm = load_model(config.model)
-    evaluate = config.eval.evaluator(load_task(config.task, config.data_dir, seed=config.seed), run.progress)
+    task = load_task(config.task, config.data_dir, seed=config.seed)
+    evaluate = config.eval.evaluator(task, run.progress)
 
-    plan = emulator_plan(llm, method)
-    emulator = LoadedModel(build_emulator(llm.model, plan), llm.tokenizer, "emulator")
+    plan, emulator = handed_out_emulator(llm, config, run.progress)
+    texts = public_texts(method.public_text, config.task, config.seed) if method.privacy else None
     metrics = {
         "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot"),
         "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
     }
     layer_map = adapter_layer_map(plan)
     initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
+    privacy: dict[str, Any] | None = None
+    if method.privacy is not None and texts is not None:
+        zero_shot = {config.task: (metrics["llm_zero_shot"], metrics["emulator_zero_shot"])}
+        for name in method.privacy.extra_tasks:
+            evaluate_other = config.eval.evaluator(load_task(name, seed=config.seed), run.progress)
+            zero_shot[name] = (
+                evaluate_other(llm.model, llm.tokenizer, f"LLM zero-shot {name}"),
+                evaluate_other(emulator.model, llm.tokenizer, f"emulator zero-shot {name}"),
+            )
+        privacy = leakage_report(
+            llm.model, emulator.model, llm.tokenizer, texts.heldout, zero_shot, max_length=method.privacy.ppl_max_length
+        )
+        gradient_examples = task.validation[: method.privacy.gradient_examples] or task.train[:8]
+        privacy["gradient_cosine"] = adapter_gradient_cosine(
+            llm.model, emulator.model, layer_map, method.adapter, initial, llm.tokenizer, gradient_examples
+        )
     hand_out(run.exchange, emulator, layer_map, config.federation.required_replies)
-    del emulator
+    if privacy is None:
+        del emulator
 
     def evaluate_plugin(adapted: nn.Module, round_number: int) -> float:
         return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
 
-    settings = RoundSettings(
-        rounds=config.federation.rounds,
-        min_replies=config.federation.required_replies,
-        max_update_norm_ratio=config.federation.max_update_norm_ratio,
-        seed=config.seed,
-        evaluate_every_round=config.eval.every_round,
-        checkpoint_dir=run.out_dir / "checkpoints",
-        resume=run.resume,
-    )
-    strategy = build_strategy(config.federation.strategy, method.adapter, config.federation.proximal_mu)
-    outcome = run_rounds(run.exchange, initial, settings, strategy, llm.model, evaluate_plugin)
+    outcome = federate(run, method.adapter, initial, llm.model, evaluate_plugin)
     metrics["plugin"] = outcome.history[-1]["plugin"]
-    return {
+    results = {
         "metrics": metrics,
         "history": outcome.history,
         "clients": outcome.clients,
-        "emulator": {"llm_layers": plan.num_llm_layers, "emulator_layers": list(plan.emulator_layers)},
+        "emulator": {
+            "llm_layers": plan.num_llm_layers,
+            "emulator_layers": list(plan.emulator_layers),
+            "distilled": method.distill is not None,
+        },
     }
+    if privacy is not None:
+        if set(outcome.state) == set(initial):  # the global state is a complete adapter (not FLoRA's stack)
+            privacy["gradient_cosine_final"] = adapter_gradient_cosine(
+                llm.model, emulator.model, layer_map, method.adapter, outcome.state, llm.tokenizer, gradient_examples
+            )
+        metrics.update({key: privacy[key] for key in ("cpl", "ppl_ratio", "gradient_cosine")})
+        results["privacy"] = privacy
+    return results

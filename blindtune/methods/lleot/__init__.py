@@ -1,0 +1,46 @@
+"""LLEOT: offsite tuning with a loss-elevated emulator (see `blindtune.methods.lleot.server`).
+
+Clients are offsite tuning's: they train the adapter (a soft prompt by default) on the emulator they
+were handed; only the server's preparation of that emulator differs.
+"""
+
+from __future__ import annotations
+
+from flwr.app import RecordDict
+
+from blindtune.federation.records import MessageKind
+from blindtune.methods import register_method
+from blindtune.methods.adapter_tuning import answer_client, centralized_adapter, local_only_adapter
+from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
+from blindtune.methods.lleot.config import LleotConfig
+from blindtune.methods.lleot.server import adapter_layer_map, elevated_emulator, emulator_plan, run_server
+from blindtune.models import load_model
+
+
+class Lleot:
+    name = "lleot"
+    config_class: type = LleotConfig
+
+    def server(self, run: ServerRun) -> dict[str, object]:
+        return run_server(run)
+
+    def client(self, kind: MessageKind, content: RecordDict, run: ClientRun) -> RecordDict:
+        return answer_client(kind, content, run, run.config.method_config.adapter)
+
+    def centralized(self, inputs: BaselineInputs) -> float:
+        """The same adapter trained directly on the full LLM with the pooled client data."""
+        method: LleotConfig = inputs.config.method_config
+        llm = load_model(inputs.config.model)
+        return centralized_adapter(inputs, llm, emulator_plan(llm, method).adapter_layers, method.adapter)
+
+    def local_only(self, inputs: BaselineInputs) -> float:
+        """Client 0 trains the adapter on the elevated emulator with only its own data; plugged into the LLM."""
+        config = inputs.config
+        method: LleotConfig = config.method_config
+        llm = load_model(config.model)
+        plan = emulator_plan(llm, method)
+        prepared, _ = elevated_emulator(llm, plan, method, config.task, config.seed, inputs.progress)
+        return local_only_adapter(inputs, llm, prepared.model, adapter_layer_map(plan), method.adapter)
+
+
+register_method(Lleot())

@@ -1,0 +1,74 @@
+"""LLEOT's config and its privacy measurements end to end on a tiny model (short budgets)."""
+
+import json
+import math
+
+import pytest
+
+from blindtune.config import ConfigError, run_config_from_dict
+from blindtune.models import tiny_model
+from blindtune.models.adapters import AdapterKind
+from blindtune.runner import run_experiment
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-model")
+    loaded = tiny_model(num_layers=8, hidden_size=32)
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _config(method, model_dir, section):
+    return run_config_from_dict(
+        {
+            "method": method,
+            "model": str(model_dir),
+            "task": "wordnet-supersense",
+            "federation": {"num_clients": 2, "rounds": 1, "engine": "inprocess"},
+            "train": {"steps": 1, "batch_size": 4, "max_length": 64},
+            "eval": {"limit": 8, "batch_size": 8},
+            "baselines": {"centralized": False, "local_only": False},
+            method: section,
+        }
+    )
+
+
+def test_defaults_follow_the_paper_and_sections_are_strict(tiny_model_dir):
+    method = _config("lleot", tiny_model_dir, {}).method_config
+    assert method.adapter.kind is AdapterKind.SOFT_PROMPT and method.adapter.prompt_length == 5
+    assert method.elevation.margin == 4.0 and method.distill.proxy.std == 20.0
+    assert (method.distill.lm_weight, method.distill.ppd_weight, method.distill.kd_weight) == (1.0, 10.0, 30.0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        _config("lleot", tiny_model_dir, {"elevation": {"hight": 3}})
+    with pytest.raises(ConfigError):
+        _config("lleot", tiny_model_dir, {"distill": {"proxy": {"token_fraction": 2.0}}})
+
+
+SHORT = {"steps": 2, "batch_size": 4, "max_length": 16}
+
+
+@pytest.mark.parametrize(
+    ("method", "section"),
+    [
+        ("lleot", {"adapter": {"kind": "lora", "lora_rank": 2}, "distill": SHORT, "elevation": SHORT}),
+        ("offsite", {"adapter": {"kind": "soft_prompt"}, "distill": SHORT, "privacy": {}}),
+    ],
+    ids=["lleot-lora", "offsite-distilled-soft-prompt"],
+)
+def test_privacy_is_measured_and_reported(method, section, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
+    results = run_experiment(_config(method, tiny_model_dir, section), tmp_path / "run", progress=False)
+    privacy = json.loads((tmp_path / "run" / "results.json").read_text())["details"]["privacy"]
+    for key in ("emulator_ppl", "llm_ppl", "ppl_ratio", "cpl", "gradient_cosine", "gradient_cosine_final"):
+        assert math.isfinite(privacy[key]) or key == "cpl", key
+    assert privacy["ppl_ratio"] == pytest.approx(privacy["emulator_ppl"] / privacy["llm_ppl"])
+    assert set(privacy["tasks"]) == {"wordnet-supersense"}
+    assert -1.0 <= privacy["gradient_cosine"] <= 1.0
+    if method == "lleot":
+        assert privacy["expected_ppl_ratio"] == pytest.approx(math.exp(4.0))
+    for key in ("cpl", "ppl_ratio", "gradient_cosine"):
+        assert key in results["metrics"]
+    assert "ppl_ratio" in (tmp_path / "run" / "report.md").read_text()
+    assert list((tmp_path / "cache" / "emulators").glob("*.safetensors"))

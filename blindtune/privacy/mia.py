@@ -1,0 +1,109 @@
+"""Membership inference on an adapted model: did this example take part in training?
+
+Two standard attacks, each a score per example (higher = "member"):
+
+- loss (Yeom et al. 2018): the negative loss of the example's target under the adapted model;
+- reference-model loss ratio (Carlini et al. 2021; Watson et al. 2022): the adapted model's loss
+  divided by a reference model's loss on the same example, negated. The reference (here the LLM
+  before adaptation) calibrates away how hard each example is by itself, which is most of what the
+  plain loss attack measures.
+
+Members are client training examples, non-members held-out examples of the same task; the attack's
+quality is its ROC-AUC (0.5: no better than chance) and its true-positive rate at a 1% false-positive
+rate (what an attacker who must rarely be wrong can find).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from blindtune.data import Example
+from blindtune.encoding import collate_pairs, continuation_logprobs, encode_pair
+
+
+def roc_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+    """P(score of a random member > score of a random non-member), ties counting half (Mann-Whitney U)."""
+    members = np.asarray(member_scores, dtype=float)
+    nonmembers = np.asarray(nonmember_scores, dtype=float)
+    if members.size == 0 or nonmembers.size == 0:
+        raise ValueError("ROC-AUC needs at least one member and one non-member")
+    scores = np.concatenate([members, nonmembers])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(scores.size, dtype=float)
+    sorted_scores = scores[order]
+    start = 0
+    while start < scores.size:  # average ranks over ties
+        end = start
+        while end + 1 < scores.size and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    member_rank_sum = ranks[: members.size].sum()
+    u = member_rank_sum - members.size * (members.size + 1) / 2
+    return float(u / (members.size * nonmembers.size))
+
+
+def tpr_at_fpr(member_scores: Sequence[float], nonmember_scores: Sequence[float], fpr: float = 0.01) -> float:
+    """The largest fraction of members flagged by a threshold that flags at most `fpr` of non-members."""
+    members = np.asarray(member_scores, dtype=float)
+    nonmembers = np.sort(np.asarray(nonmember_scores, dtype=float))[::-1]
+    allowed = int(np.floor(fpr * nonmembers.size))  # non-members that may score above the threshold
+    # Flag scores strictly above the (allowed+1)-th highest non-member score.
+    threshold = nonmembers[allowed] if allowed < nonmembers.size else -np.inf
+    return float((members > threshold).mean())
+
+
+@torch.no_grad()
+def example_losses(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    batch_size: int = 16,
+) -> list[float]:
+    """Each example's mean negative log-likelihood of its target (the training objective, per example)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate_pairs([encode_pair(tokenizer, e.prompt, e.target, max_length) for e in chunk], pad_id)
+            losses += [float(-lp.float().mean()) for lp in continuation_logprobs(model, batch)]
+    finally:
+        model.train(was_training)
+    return losses
+
+
+def attack_figures(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> dict[str, float]:
+    return {
+        "auc": roc_auc(member_scores, nonmember_scores),
+        "tpr_at_1pct_fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.01),
+        "tpr_at_10pct_fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.10),
+    }
+
+
+def membership_inference(
+    target_losses: tuple[Sequence[float], Sequence[float]],
+    reference_losses: tuple[Sequence[float], Sequence[float]] | None,
+) -> dict[str, Any]:
+    """Both attacks from per-example losses: ((members), (non-members)) under the target and reference."""
+    members, nonmembers = (np.asarray(losses, dtype=float) for losses in target_losses)
+    result: dict[str, Any] = {
+        "members": int(members.size),
+        "nonmembers": int(nonmembers.size),
+        "mean_loss_members": float(members.mean()),
+        "mean_loss_nonmembers": float(nonmembers.mean()),
+        "loss": attack_figures(-members, -nonmembers),
+    }
+    if reference_losses is not None:
+        ref_members, ref_nonmembers = (np.maximum(np.asarray(x, dtype=float), 1e-6) for x in reference_losses)
+        result["loss_ratio"] = attack_figures(-members / ref_members, -nonmembers / ref_nonmembers)
+    return result
