@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -89,7 +88,6 @@ def run_point(model_dir: Path, num_clients: int, engine: str, out_dir: Path) -> 
         "bytes_to_clients": results["cost"]["bytes_to_clients"],
         "bytes_to_server": results["cost"]["bytes_to_server"],
         "client_disk_bytes": disk,
-        "main_process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 

@@ -71,7 +71,8 @@ BUDGETS = {
         notes=[
             "1 seed; 3 clients x 2 rounds x 6 steps x 8 examples; 100 test examples per task; in-process engine "
             "(same apps and records as Flower's simulation engine, without Ray's start-up); LLEOT's emulator "
-            "prepared in 40 + 40 steps; baselines for offsite only; PubMedQA only in the full budget.",
+            "prepared in 20 + 20 steps, its soft prompt at lr 0.01; baselines for offsite only; PubMedQA only in "
+            "the full budget.",
         ],
     ),
     "full": Budget(
@@ -131,6 +132,12 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_one(
     budget: str,
     task: str,
@@ -179,6 +186,7 @@ def run_one(
     timing = {
         "wall_seconds": time.perf_counter() - started,
         "cpu_seconds": cpu_seconds() - cpu_started,
+        "torch_threads": torch_threads(),
         "federation": federation_overhead(timings, results["clients"], parallelism),
     }
     timing_file.write_text(json.dumps(timing, indent=2))
@@ -380,6 +388,7 @@ def full_model_bytes(model: str) -> int:
 
 def write_page(suite: dict[str, Any], out: Path) -> Path:
     from blindtune.report import (
+        MISSING,
         bytes_table,
         format_bytes,
         format_seconds,
@@ -395,7 +404,21 @@ def write_page(suite: dict[str, Any], out: Path) -> Path:
         f"Measured {suite['started']} with `{suite['command']}` on {suite['machine']['cpu_count']} CPU cores"
         + (f" and {suite['machine']['cuda']}" if suite["machine"].get("cuda") else "")
         + f" (load average at the end: {suite['machine'].get('load_average_1_5_15')}).",
-        f"Suite wall time {format_seconds(suite['wall_seconds'])}, CPU time {format_seconds(suite['cpu_seconds'])}.",
+        f"Suite wall time {format_seconds(suite['wall_seconds'])}, CPU time {format_seconds(suite['cpu_seconds'])} "
+        "(sum of the parts below, which may come from several invocations in this directory):",
+        "",
+        *markdown_table(
+            ["part", "wall time", "CPU time", "torch threads"],
+            [
+                [
+                    part,
+                    format_seconds(timing.get("wall_seconds")),
+                    format_seconds(timing.get("cpu_seconds")),
+                    str(timing.get("torch_threads", MISSING)),
+                ]
+                for part, timing in suite.get("part_timings", {}).items()
+            ],
+        ),
         "",
         *[f"- {note}" for note in budget["notes"]],
         *[f"- {note}" for note in suite.get("notes", [])],
@@ -525,12 +548,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--model", default=None, help="another model for the utility runs (default: the config's)")
     parser.add_argument("--device", default=None, help="throughput device (default: cuda when present, else cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for this process and its children (default: torch's own choice, all cores); "
+        "on a machine shared with other jobs 1 is much faster",
+    )
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose results already exist")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     from blindtune.methods import method_names
 
+    if args.threads:
+        import os
+
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the scale points' processes
     budget = BUDGETS["quick" if args.quick else "full"]
     out = args.out or RESULTS_DIR / budget.name
     out.mkdir(parents=True, exist_ok=True)
@@ -547,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device),
+        "threads": args.threads,
         "methods": sorted(set(methods) | set(previous.get("methods", []))),
         "part_timings": previous.get("part_timings", {}),
         "invocations": [*previous.get("invocations", []), command],
@@ -566,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["utility"] = {
             "wall_seconds": sum(e.get("wall_seconds", 0.0) for e in utility_runs),
             "cpu_seconds": sum(e.get("cpu_seconds", 0.0) for e in utility_runs),
+            "torch_threads": ", ".join(sorted({str(e["torch_threads"]) for e in utility_runs if "torch_threads" in e})),
         }
         suite["wall_seconds"] = sum(t["wall_seconds"] for t in timings.values())
         suite["cpu_seconds"] = sum(t["cpu_seconds"] for t in timings.values())
@@ -582,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite["part_timings"][part] = {
             "wall_seconds": time.perf_counter() - started,
             "cpu_seconds": cpu_seconds() - cpu_started,
+            "torch_threads": torch_threads(),
         }
         save()
 

@@ -144,7 +144,10 @@ def test_summary_has_a_row_per_setting_and_the_page_is_written(tmp_path: Path) -
 def test_base_config_per_method() -> None:
     assert base_config("quick", "offsite")["method"] == "offsite"
     lleot = base_config("quick", "lleot")
-    assert lleot["method"] == "lleot" and lleot["train"] == base_config("quick", "offsite")["train"]
+    offsite = base_config("quick", "offsite")
+    assert lleot["method"] == "lleot" and lleot["federation"] == offsite["federation"]
+    budget = ("steps", "batch_size")  # the same examples seen; the learning rate is the method's own
+    assert {k: lleot["train"][k] for k in budget} == {k: offsite["train"][k] for k in budget}
     other = base_config("full", "some-new-method")
     assert other["method"] == "some-new-method" and "offsite" not in other
 

@@ -234,9 +234,7 @@ def train_round(
     layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
     seed = int(number(content, RecordKey.INSTRUCTIONS, SEED))
     round_number = int(number(content, RecordKey.INSTRUCTIONS, ROUND))
-    adapted = strategy.prepare_client(
-        artefact.model, arrays(content, RecordKey.ADAPTER), layer_map, lora_rank, seed
-    )
+    adapted = strategy.prepare_client(artefact.model, arrays(content, RecordKey.ADAPTER), layer_map, lora_rank, seed)
     train_config = dataclasses.replace(train_config, proximal_mu=number(content, RecordKey.INSTRUCTIONS, PROXIMAL_MU))
     privacy = active_client_privacy()
     dp_metrics: dict[str, float | int] = {}

@@ -95,8 +95,12 @@ def test_killed_server_resumes_to_the_same_final_state(tiny_model_dir, tmp_path)
     subprocess.run([*command, "--out", str(uninterrupted)], check=True, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([*command, "--out", str(interrupted)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [*command, "--out", str(interrupted)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (interrupted / "checkpoints" / "round-0002").is_dir():
         assert process.poll() is None and time.monotonic() < deadline, "run ended before round 2"

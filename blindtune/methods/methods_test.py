@@ -9,10 +9,17 @@ from blindtune.methods import method_names
 from blindtune.runner import run_experiment
 
 
+# Server-side preparation budgets small enough for a tiny model in seconds.
+SHORT = {"steps": 2, "batch_size": 4, "max_length": 16}
+TINY_METHOD_SECTIONS = {"lleot": {"lleot": {"distill": SHORT, "elevation": SHORT}}}
+
+
 @pytest.mark.parametrize("method", method_names())
-def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path):
-    results = run_experiment(tiny_run_config(method, tiny_model_dir), tmp_path, progress=False)
-    saved = json.loads((tmp_path / "results.json").read_text())
+def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
+    config = tiny_run_config(method, tiny_model_dir, TINY_METHOD_SECTIONS.get(method))
+    results = run_experiment(config, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["method"] == method and saved["num_clients"] == 2 and saved["rounds"] == 2
     for key in ("llm_zero_shot", "emulator_zero_shot", "plugin", "centralized", "local_only"):
         assert 0.0 <= results["metrics"][key] <= 1.0, key
@@ -21,8 +28,8 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
     assert cost["bytes_to_clients"] > cost["bytes_to_server"] > 0
     assert cost["wall_seconds"] > 0 and cost["train_tokens_per_second"] > 0
     assert results["failures"] == []
-    assert (tmp_path / "report.md").is_file()
-    assert (tmp_path / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "report.md").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ class ElevationConfig:
 
 
 @dataclass
-class PrivacyConfig:
+class LeakageConfig:
     """What the server measures about the emulator it hands out (results.json `privacy`).
 
     extra_tasks: tasks besides the run's own on which zero-shot accuracy and CPL are measured too.

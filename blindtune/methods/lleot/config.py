@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blindtune.models.adapters import AdapterConfig, AdapterKind
-from blindtune.models.distill import DistillConfig, ElevationConfig, PrivacyConfig
+from blindtune.models.distill import DistillConfig, ElevationConfig, LeakageConfig
 
 
 def _soft_prompt() -> AdapterConfig:
@@ -36,5 +36,5 @@ class LleotConfig:
     public_text: str = "wordnet:adj,adv"
     distill: DistillConfig = field(default_factory=_distill_with_proxy_prompts)
     elevation: ElevationConfig = field(default_factory=ElevationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    privacy: LeakageConfig = field(default_factory=LeakageConfig)
     cache_emulator: bool = True

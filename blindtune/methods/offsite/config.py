@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blindtune.models.adapters import AdapterConfig
-from blindtune.models.distill import DistillConfig, PrivacyConfig
+from blindtune.models.distill import DistillConfig, LeakageConfig
 
 
 @dataclass
@@ -28,5 +28,5 @@ class OffsiteConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     distill: DistillConfig | None = None
     public_text: str = "wordnet:adj,adv"
-    privacy: PrivacyConfig | None = None
+    privacy: LeakageConfig | None = None
     cache_emulator: bool = True
