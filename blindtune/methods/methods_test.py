@@ -8,7 +8,6 @@ from blindtune.conftest import tiny_run_config
 from blindtune.methods import method_names
 from blindtune.runner import run_experiment
 
-
 # Server-side preparation budgets small enough for a tiny model in seconds.
 SHORT = {"steps": 2, "batch_size": 4, "max_length": 16}
 TINY_METHOD_SECTIONS = {"lleot": {"lleot": {"distill": SHORT, "elevation": SHORT}}}
