@@ -634,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         timed("scale", lambda: measure_scale(**budget.scale))
     if "utility" in args.parts:
+        seen = {m: examples_seen({"config": base_config(budget.name, m)}) for m in methods}
+        if len(set(seen.values())) > 1:
+            suite["notes"].append(f"trained rows see different numbers of examples per method: {seen}")
         new = run_utility(budget, methods, tasks, out, args.fresh, not args.no_progress, overrides)
         suite["utility"] = merge_utility(previous.get("utility"), new)
         save()

@@ -20,7 +20,7 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from blindtune.federation.records import RecordKey
+from blindtune.federation.records import RecordKey, number
 from blindtune.privacy.config import PrivacyConfig
 from blindtune.training.loop import private_training_required
 
@@ -102,12 +102,12 @@ def require_client_dp(
         return None
     values = []
     for node in used:
-        metrics = replies[node][RecordKey.METRICS]
-        if "dp_epsilon" not in metrics:  # type: ignore[operator]
+        metrics = replies[node].metric_records.get(RecordKey.METRICS)
+        if metrics is None or "dp_epsilon" not in metrics:
             raise PrivacyNotAppliedError(
                 f"round {round_number}: client {node} replied without a DP accountant figure although "
                 "privacy.dp is enabled: its update may not be differentially private"
             )
-        value = float(metrics["dp_epsilon"])  # type: ignore[index,arg-type]
+        value = number(replies[node], RecordKey.METRICS, "dp_epsilon")
         values.append(math.inf if value < 0 else value)
     return max(values) if values else None

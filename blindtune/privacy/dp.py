@@ -239,7 +239,7 @@ def train_private(
                 else:  # an empty Poisson batch: the step is noise only, and still counts
                     empty += 1
                     for parameter in parameters:
-                        parameter.grad_sample = torch.zeros(
+                        parameter.grad_sample = torch.zeros(  # type: ignore[attr-defined]
                             (0, *parameter.shape), dtype=parameter.dtype, device=parameter.device
                         )
                 dp_optimizer.step()

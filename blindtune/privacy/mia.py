@@ -27,7 +27,7 @@ from blindtune.data import Example
 from blindtune.encoding import collate_pairs, continuation_logprobs, encode_pair
 
 
-def roc_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+def roc_auc(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray) -> float:
     """P(score of a random member > score of a random non-member), ties counting half (Mann-Whitney U)."""
     members = np.asarray(member_scores, dtype=float)
     nonmembers = np.asarray(nonmember_scores, dtype=float)
@@ -49,7 +49,9 @@ def roc_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -
     return float(u / (members.size * nonmembers.size))
 
 
-def tpr_at_fpr(member_scores: Sequence[float], nonmember_scores: Sequence[float], fpr: float = 0.01) -> float:
+def tpr_at_fpr(
+    member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray, fpr: float = 0.01
+) -> float:
     """The largest fraction of members flagged by a threshold that flags at most `fpr` of non-members."""
     members = np.asarray(member_scores, dtype=float)
     nonmembers = np.sort(np.asarray(nonmember_scores, dtype=float))[::-1]
@@ -82,7 +84,9 @@ def example_losses(
     return losses
 
 
-def attack_figures(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> dict[str, float]:
+def attack_figures(
+    member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray
+) -> dict[str, float]:
     return {
         "auc": roc_auc(member_scores, nonmember_scores),
         "tpr_at_1pct_fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.01),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from blindtune.federation.ledger import Direction, Ledger
-from blindtune.federation.records import RecordKey, record_to_tensors, tensors_to_record
+from blindtune.federation.records import RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
 from blindtune.models.adapters import AdapterState
 from blindtune.privacy.config import SecAggConfig
@@ -200,7 +201,7 @@ def secure_round(
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(fitins.parameters, True)
     workflow(config)(grid, context)
 
-    answered = {proxy.node_id: fitres for proxy, fitres in strategy.results}  # type: ignore[attr-defined]
+    answered = {int(proxy.node_id): fitres for proxy, fitres in strategy.results}
     for node_id in set(nodes) - set(answered):
         exchange.fail(round_number, node_id, "dropped out of secure aggregation")
     if strategy.aggregate is None or len(answered) < min_replies:
@@ -208,12 +209,12 @@ def secure_round(
             f"round {round_number}: secure aggregation completed with {len(answered)} of {len(nodes)} clients, "
             f"{min_replies} required"
         )
-    arrays = parameters_to_ndarrays(strategy.aggregate)
-    if len(arrays) != len(returned_names):
-        raise ValueError(f"secure aggregate has {len(arrays)} arrays, expected {len(returned_names)}")
+    aggregate = parameters_to_ndarrays(strategy.aggregate)
+    if len(aggregate) != len(returned_names):
+        raise ValueError(f"secure aggregate has {len(aggregate)} arrays, expected {len(returned_names)}")
     mean = {
         name: torch.from_numpy(np.asarray(array, dtype=np.float32)).to(global_state[name].dtype)
-        for name, array in zip(returned_names, arrays, strict=True)
+        for name, array in zip(returned_names, aggregate, strict=True)
     }
     replies = {
         node_id: RecordDict({RecordKey.METRICS: MetricRecord(_numeric(fitres.metrics))})
@@ -222,7 +223,7 @@ def secure_round(
     return mean, replies
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, int | float]:
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, int | float | list[int] | list[float]]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
@@ -236,8 +237,8 @@ def adapter_fitins_mod(message: Message, context: Context, call_next: ClientAppC
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     sent_names = json.loads(str(fitins.config[SENT_NAMES]))
     returned_names = json.loads(str(fitins.config[RETURNED_NAMES]))
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    state = {name: torch.from_numpy(np.array(array)) for name, array in zip(sent_names, arrays, strict=True)}
+    received = parameters_to_ndarrays(fitins.parameters)
+    state = {name: torch.from_numpy(np.array(array)) for name, array in zip(sent_names, received, strict=True)}
     message.content = RecordDict(
         {
             RecordKey.ADAPTER: tensors_to_record(state),
@@ -247,14 +248,14 @@ def adapter_fitins_mod(message: Message, context: Context, call_next: ClientAppC
     reply = call_next(message, context)
     if reply.has_error():
         return reply
-    trained = record_to_tensors(reply.content[RecordKey.ADAPTER])  # type: ignore[arg-type]
+    trained = arrays(reply.content, RecordKey.ADAPTER)
     if sorted(trained) != sorted(returned_names):
         raise ValueError("the trained adapter's names differ from those secure aggregation expects")
-    metrics = _numeric(dict(reply.content[RecordKey.METRICS]))  # type: ignore[arg-type]
+    metrics: dict[str, Any] = _numeric(dict(reply.content.metric_records[RecordKey.METRICS]))
     fitres = FitRes(
         status=Status(code=Code.OK, message="OK"),
         parameters=ndarrays_to_parameters(_to_arrays(trained, returned_names)),
-        num_examples=int(metrics["num_examples"]),
+        num_examples=int(number(reply.content, RecordKey.METRICS, "num_examples")),
         metrics=dict(metrics),
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
