@@ -94,8 +94,11 @@ def server_privacy_results(
     if policy is not None and policy.report:
         added[SERVER_PRIVACY] = policy.report
     if traffic is not None:
+        from blindtune.federation.apps import client_partitions
+
         privatised = tuple(getattr(method, "privatised_text_records", ()))
-        added[TRAFFIC_CHECK] = check(traffic, client_examples(config), privatised)
+        # Everything the clients hold, not only what they trained on, counts as their raw text.
+        added[TRAFFIC_CHECK] = check(traffic, client_partitions(config), privatised)
     return added
 
 
