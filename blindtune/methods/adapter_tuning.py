@@ -17,7 +17,7 @@ from blindtune.federation.adapter_rounds import (
     train_round,
 )
 from blindtune.federation.records import MessageKind
-from blindtune.federation.strategies import build_strategy
+from blindtune.federation.strategies import configured_strategy
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter, plugged_in
 from blindtune.models.loading import LoadedModel
@@ -29,7 +29,7 @@ def answer_client(kind: MessageKind, content: RecordDict, run: ClientRun, adapte
     if kind is MessageKind.SETUP:
         return store_artefact(content, run.workdir)
     federation = run.config.federation
-    strategy = build_strategy(federation.strategy, adapter, federation.proximal_mu)
+    strategy = configured_strategy(federation, adapter)
     batch_size = federation.client_batch_size(run.partition_id, run.config.train.batch_size)
     return train_round(
         content,
@@ -60,7 +60,7 @@ def federate(
         checkpoint_dir=run.out_dir / "checkpoints",
         resume=run.resume,
     )
-    strategy = build_strategy(config.federation.strategy, adapter, config.federation.proximal_mu)
+    strategy = configured_strategy(config.federation, adapter)
     return run_rounds(run.exchange, initial, settings, strategy, llm, evaluate)
 
 

@@ -1,6 +1,7 @@
 """Every registered method, end to end on a tiny model through the in-process Flower grid."""
 
 import json
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,14 @@ from blindtune.runner import run_experiment
 
 # Server-side preparation budgets small enough for a tiny model in seconds.
 SHORT = {"steps": 2, "batch_size": 4, "max_length": 16}
-TINY_METHOD_SECTIONS = {"lleot": {"lleot": {"distill": SHORT, "elevation": SHORT}}}
+TINY_METHOD_SECTIONS: dict[str, dict[str, Any]] = {
+    "lleot": {"lleot": {"distill": SHORT, "elevation": SHORT}},
+    "fedproxy": {"fedproxy": {"compression": {"distill": SHORT, "importance_texts": 8}}},
+    "fedcot": {"fedcot": {"prompts_per_client": 6, "max_new_tokens": 6, "privatisation": {"attack_top_k": 3}}},
+    "fedmkt": {
+        "fedmkt": {"public_limit": 8, "top_k": 8, "server_steps": 2, "client_distill_steps": 2, "slm_fedavg": True}
+    },
+}
 
 
 @pytest.mark.parametrize("method", method_names())

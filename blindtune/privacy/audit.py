@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # Keys the server app adds to federation.json (and the runner to results.json's details).
 SERVER_PRIVACY = "privacy_server"
 TRAFFIC_CHECK = "privacy_ledger"
+# A method's own privacy figures, returned by its server side (FedCoT: the text-privatisation budget,
+# epsilon_per_token / epsilon_per_prompt, and the recovery attack's rates); lifted into the section.
+METHOD_PRIVACY = "privacy_method"
+_SECTION_KEYS = ("dp", "server_dp", "secagg", "ledger", "membership_inference", "misuse")
 
 
 def client_examples(config: RunConfig) -> list[list[Example]]:
@@ -120,6 +124,10 @@ def privacy_section(config: RunConfig, results: dict[str, Any]) -> dict[str, Any
     }
     if ledger is not None:
         section["ledger"] = ledger
+    method = details.pop(METHOD_PRIVACY, None)
+    if method is None:  # audited again: keep what the method reported the first time
+        method = {key: value for key, value in earlier.items() if key not in _SECTION_KEYS}
+    section.update(method)
     return section
 
 
@@ -139,9 +147,9 @@ def _strategy(config: RunConfig) -> Any:
     adapter = getattr(config.method_config, "adapter", None)
     if adapter is None:
         return None
-    from blindtune.federation.strategies import build_strategy
+    from blindtune.federation.strategies import configured_strategy
 
-    return build_strategy(config.federation.strategy, adapter, config.federation.proximal_mu)
+    return configured_strategy(config.federation, adapter)
 
 
 def _sample(examples: Sequence[Example], count: int, seed: int) -> list[Example]:

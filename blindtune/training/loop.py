@@ -51,11 +51,29 @@ class TrainConfig:
 
 
 @dataclass
+class AuxiliaryTask:
+    """A second objective trained alongside the examples (multi-task, e.g. rationales next to labels).
+
+    Each step also draws `batch_size` of these examples (their own seeded shuffle) and minimises
+    L = L_main + weight * L_auxiliary, each the mean over its own continuation tokens: a long auxiliary
+    target does not drown the short main one.
+    """
+
+    examples: Sequence[Example]
+    weight: float
+
+    def __post_init__(self) -> None:
+        if not self.examples or not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"an auxiliary task needs examples and a finite weight >= 0, got weight {self.weight}")
+
+
+@dataclass
 class TrainStats:
     mean_loss: float
     examples_seen: int
     tokens_seen: int
     seconds: float
+    auxiliary_mean_loss: float | None = None  # set when an auxiliary task was trained
 
     @property
     def tokens_per_second(self) -> float:
@@ -98,8 +116,9 @@ def train(
     seed: int,
     progress: bool = True,
     desc: str = "train",
+    auxiliary: AuxiliaryTask | None = None,
 ) -> TrainStats:
-    """Run `config.steps` AdamW steps on the model's trainable parameters."""
+    """Run `config.steps` AdamW steps on the model's trainable parameters (plus an auxiliary objective)."""
     if (reason := private_training_required.get()) is not None:
         raise PrivateTrainingRequiredError(f"{desc}: plain training refused: {reason}")
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -111,11 +130,20 @@ def train(
     was_training = model.training
     model.train()
     losses: list[float] = []
+    auxiliary_losses: list[float] = []
     tokens = 0
     started = time.perf_counter()
     torch.manual_seed(seed)
-    for batch_examples in tqdm(
-        batches(examples, config.batch_size, config.steps, seed), desc=desc, disable=not progress, leave=False
+    main_batches = batches(examples, config.batch_size, config.steps, seed)
+    auxiliary_batches = (
+        batches(auxiliary.examples, config.batch_size, config.steps, seed + 1) if auxiliary else [[]] * config.steps
+    )
+    for batch_examples, auxiliary_examples in tqdm(
+        zip(main_batches, auxiliary_batches, strict=True),
+        total=config.steps,
+        desc=desc,
+        disable=not progress,
+        leave=False,
     ):
         pairs = [encode_pair(tokenizer, e.prompt, e.target, config.max_length) for e in batch_examples]
         batch = collate_pairs(pairs, pad_id)
@@ -123,6 +151,15 @@ def train(
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"{desc}: loss became {loss.item()} after {len(losses)} steps")
         objective = loss + proximal_term(parameters, start, config.proximal_mu) if start else loss
+        if auxiliary is not None:
+            pairs = [encode_pair(tokenizer, e.prompt, e.target, config.max_length) for e in auxiliary_examples]
+            auxiliary_batch = collate_pairs(pairs, pad_id)
+            auxiliary_loss = continuation_loss(model, auxiliary_batch)
+            if not math.isfinite(auxiliary_loss.item()):
+                raise NonFiniteLossError(f"{desc}: auxiliary loss became {auxiliary_loss.item()}")
+            objective = objective + auxiliary.weight * auxiliary_loss
+            auxiliary_losses.append(auxiliary_loss.item())
+            tokens += int(auxiliary_batch.attention_mask.sum())
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if config.max_grad_norm > 0:
@@ -136,6 +173,7 @@ def train(
         examples_seen=config.steps * config.batch_size,
         tokens_seen=tokens,
         seconds=time.perf_counter() - started,
+        auxiliary_mean_loss=sum(auxiliary_losses) / len(auxiliary_losses) if auxiliary_losses else None,
     )
 
 
