@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from torch import nn
@@ -33,6 +33,9 @@ from blindtune.privacy.context import active_client_privacy, active_server_priva
 from blindtune.privacy.secagg import secagg_summary, secure_round
 from blindtune.privacy.server_dp import ServerSideDP
 from blindtune.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from blindtune.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,19 @@ class RoundSettings:
     evaluate_every_round: bool
     checkpoint_dir: Path
     resume: bool = False  # continue after the last complete checkpoint in checkpoint_dir
+
+    @classmethod
+    def of_run(cls, config: RunConfig, checkpoint_dir: Path, resume: bool) -> RoundSettings:
+        """The settings a run config's `federation`, `seed` and `eval` sections give the round loop."""
+        return cls(
+            rounds=config.federation.rounds,
+            min_replies=config.federation.required_replies,
+            max_update_norm_ratio=config.federation.max_update_norm_ratio,
+            seed=config.seed,
+            evaluate_every_round=config.eval.every_round,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+        )
 
 
 @dataclass

@@ -51,15 +51,7 @@ def federate(
 ) -> RoundsOutcome:
     """The configured rounds of adapter training, with the configured strategy."""
     config = run.config
-    settings = RoundSettings(
-        rounds=config.federation.rounds,
-        min_replies=config.federation.required_replies,
-        max_update_norm_ratio=config.federation.max_update_norm_ratio,
-        seed=config.seed,
-        evaluate_every_round=config.eval.every_round,
-        checkpoint_dir=run.out_dir / "checkpoints",
-        resume=run.resume,
-    )
+    settings = RoundSettings.of_run(config, run.out_dir / "checkpoints", run.resume)
     strategy = configured_strategy(config.federation, adapter)
     return run_rounds(run.exchange, initial, settings, strategy, llm, evaluate)
 

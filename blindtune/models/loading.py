@@ -127,7 +127,15 @@ def tiny_model(
     It shares the default model's tokenizer (so every task and prompt works unchanged) but has a
     few narrow layers: a forward pass costs milliseconds.
     """
-    tokenizer = load_tokenizer(tokenizer_from)
+    return random_model(
+        load_tokenizer(tokenizer_from), num_layers, hidden_size, seed, f"tiny-{num_layers}x{hidden_size}"
+    )
+
+
+def random_model(
+    tokenizer: PreTrainedTokenizerBase, num_layers: int, hidden_size: int, seed: int, name: str
+) -> LoadedModel:
+    """A randomly initialised Llama of the given size on `tokenizer` (its special tokens included)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -137,11 +145,11 @@ def tiny_model(
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+        eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{num_layers}x{hidden_size}")
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)

@@ -158,15 +158,7 @@ def federate_slm(
 ) -> RoundsOutcome:
     config = run.config
     method: FedCoTConfig = config.method_config
-    settings = RoundSettings(
-        rounds=config.federation.rounds,
-        min_replies=config.federation.required_replies,
-        max_update_norm_ratio=config.federation.max_update_norm_ratio,
-        seed=config.seed,
-        evaluate_every_round=config.eval.every_round,
-        checkpoint_dir=run.out_dir / checkpoint_name,
-        resume=run.resume,
-    )
+    settings = RoundSettings.of_run(config, run.out_dir / checkpoint_name, run.resume)
     strategy = configured_strategy(config.federation, method.adapter)
     return run_rounds(exchange, initial, settings, strategy, slm, evaluate)
 

@@ -23,7 +23,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example, load_task
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
@@ -50,7 +50,7 @@ from blindtune.models.artefact import (
     save_artefact,
     unique_state_dict,
 )
-from blindtune.models.loading import LoadedModel
+from blindtune.models.loading import LoadedModel, random_model
 from blindtune.models.surgery import num_decoder_layers
 from blindtune.models.token_alignment import load_wordpiece_tokenizer
 from blindtune.training import train
@@ -99,24 +99,7 @@ class LocalSLM:
 def wordpiece_slm(method: FedMKTConfig, seed: int) -> LoadedModel:
     """A randomly initialised Llama on the WordPiece tokenizer: it knows nothing until trained."""
     tokenizer = load_wordpiece_tokenizer()
-    hidden = method.wordpiece_hidden_size
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=method.wordpiece_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name="wordpiece-slm")
+    return random_model(tokenizer, method.wordpiece_layers, method.wordpiece_hidden_size, seed, "wordpiece-slm")
 
 
 def load_slm(workdir: Path, method: FedMKTConfig, kind: SLMKind, seed: int) -> LocalSLM:

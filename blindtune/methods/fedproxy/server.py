@@ -119,15 +119,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         with plugged_in_update(llm.model, prepared.plan, update) as plugged:
             return evaluate(plugged, llm.tokenizer, f"plug-in round {round_number}")
 
-    settings = RoundSettings(
-        rounds=config.federation.rounds,
-        min_replies=config.federation.required_replies,
-        max_update_norm_ratio=config.federation.max_update_norm_ratio,
-        seed=config.seed,
-        evaluate_every_round=config.eval.every_round,
-        checkpoint_dir=run.out_dir / "checkpoints",
-        resume=run.resume,
-    )
+    settings = RoundSettings.of_run(config, run.out_dir / "checkpoints", run.resume)
     strategy = configured_strategy(config.federation, method.adapter)
     outcome = run_rounds(run.exchange, initial, settings, strategy, proxy.model, evaluate_plugin)
     for row in outcome.history:
