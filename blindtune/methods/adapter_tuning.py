@@ -21,7 +21,6 @@ from blindtune.federation.strategies import configured_strategy
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter, plugged_in
 from blindtune.models.loading import LoadedModel
-from blindtune.training import train
 
 
 def answer_client(kind: MessageKind, content: RecordDict, run: ClientRun, adapter: AdapterConfig) -> RecordDict:
@@ -62,15 +61,7 @@ def centralized_adapter(
     """Upper bound: the adapter trained on the LLM's own layers with the pooled client data."""
     config = inputs.config
     adapted = attach_adapter(llm.model, {i: i for i in layers}, adapter, seed=config.seed)
-    train(
-        adapted.model,
-        llm.tokenizer,
-        inputs.pooled_examples(),
-        inputs.same_budget(),
-        seed=config.seed,
-        progress=inputs.progress,
-        desc="centralized",
-    )
+    inputs.train_reference(adapted.model, llm.tokenizer, inputs.pooled_examples(), "centralized")
     return inputs.evaluate(adapted.model, llm.tokenizer, "centralized")
 
 
@@ -80,14 +71,6 @@ def local_only_adapter(
     """Lower bound: client 0 trains the adapter on the artefact alone; plugged into the LLM."""
     config = inputs.config
     adapted = attach_adapter(artefact, layer_map, adapter, seed=config.seed)
-    train(
-        adapted.model,
-        llm.tokenizer,
-        inputs.client_examples[0],
-        inputs.same_budget(),
-        seed=config.seed,
-        progress=inputs.progress,
-        desc="local only",
-    )
+    inputs.train_reference(adapted.model, llm.tokenizer, inputs.client_examples[0], "local only")
     with plugged_in(llm.model, adapted.state(), adapter) as plugged:
         return inputs.evaluate(plugged, llm.tokenizer, "local only")

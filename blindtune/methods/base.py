@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from blindtune.data import Example, TaskData
 from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
-from blindtune.training import TrainConfig
+from blindtune.training import TrainConfig, train
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -63,6 +63,12 @@ class BaselineInputs:
         return dataclasses.replace(
             self.config.train, steps=self.config.train.steps * federation.rounds * federation.num_clients
         )
+
+    def train_reference(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], desc: str
+    ) -> None:
+        """Train a reference row's model on `examples` with the whole federation's budget."""
+        train(model, tokenizer, examples, self.same_budget(), seed=self.config.seed, progress=self.progress, desc=desc)
 
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
         """Accuracy on the same test examples the federation's server evaluates on."""

@@ -39,7 +39,6 @@ from blindtune.models.compression import (
 )
 from blindtune.models.distill import cpl, perplexities, public_texts
 from blindtune.models.loading import LoadedModel
-from blindtune.training import train
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -148,15 +147,7 @@ def local_only_plugin(inputs: BaselineInputs) -> float:
     prepared = handed_out_proxy(llm, config, inputs.progress)
     initial_weights = proxy_layer_state(prepared.model)
     adapted = attach_adapter(copy.deepcopy(prepared.model), proxy_layer_map(prepared), method.adapter, seed=config.seed)
-    train(
-        adapted.model,
-        llm.tokenizer,
-        inputs.client_examples[0],
-        inputs.same_budget(),
-        seed=config.seed,
-        progress=inputs.progress,
-        desc="local only",
-    )
+    inputs.train_reference(adapted.model, llm.tokenizer, inputs.client_examples[0], "local only")
     state = {name: p.detach().cpu() for name, p in adapted.named_adapter_parameters(include_frozen=True).items()}
     with plugged_in(prepared.model, state, method.adapter) as tuned:
         update = proxy_update(tuned, initial_weights)
