@@ -43,7 +43,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "blindtune" / "configs"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PARTS = ("throughput", "scale", "utility")
 REFERENCE_METHOD = "offsite"  # its centralised row is "centralised LoRA on the pooled data"
-GENERATION_TASKS_NOTE = "no method of generation kind yet (GSM8K needs a rationale-based method)"
+GENERATION_TASKS_NOTE = "no method selected runs generation tasks (GSM8K needs a rationale-based method: fedcot)"
 
 
 @dataclass
@@ -114,6 +114,13 @@ def method_task_kinds(method_name: str) -> set[str]:
 
     kinds = getattr(get_method(method_name), "task_kinds", None) or (TaskKind.MULTIPLE_CHOICE,)
     return {str(kind) for kind in kinds}
+
+
+def method_result_name(method_name: str) -> str:
+    """What a method's `metrics.plugin` measures: `plug-in` (the adapted LLM) unless it says otherwise."""
+    from blindtune.methods import get_method
+
+    return str(getattr(get_method(method_name), "result_name", "plug-in"))
 
 
 def task_status(task: str) -> tuple[str | None, str | None]:
@@ -294,7 +301,8 @@ def summary_rows(utility: dict[str, Any], runs: list[dict[str, Any]]) -> list[di
                 None,
                 cpl=statistics.fmean(cpls) if cpls else None,
             )
-            add(f"{method}: plug-in", [r["metrics"]["plugin"] for r in own if "plugin" in r["metrics"]], seen)
+            result_name = method_result_name(method)
+            add(f"{method}: {result_name}", [r["metrics"]["plugin"] for r in own if "plugin" in r["metrics"]], seen)
         for method in info["methods"]:
             own = [r for r in task_runs if r["method"] == method]
             values = [r["metrics"]["centralized"] for r in own if "centralized" in r["metrics"]]

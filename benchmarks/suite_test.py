@@ -16,6 +16,8 @@ from benchmarks.suite import (
     GENERATION_TASKS_NOTE,
     base_config,
     merge_utility,
+    method_result_name,
+    method_task_kinds,
     summary_rows,
     write_page,
 )
@@ -173,3 +175,10 @@ def test_slope_and_overhead() -> None:
     )
     overhead = federation_overhead(timings, [{"round": 1, "train_seconds": 1.5}] * 2)
     assert overhead["mean_overhead_seconds"] == pytest.approx(2.0) and overhead["setup_seconds"] == 2.0
+
+
+def test_fedcot_is_the_generation_method_and_names_its_result() -> None:
+    assert method_task_kinds("fedcot") == {"multiple_choice", "generation"}
+    assert method_task_kinds("offsite") == {"multiple_choice"}
+    assert method_result_name("fedcot") == "client SLM"
+    assert method_result_name("fedproxy") == "plug-in"

@@ -48,8 +48,10 @@ class FederationConfig:
     max_update_norm_ratio: updates whose norm exceeds this multiple of the median are rejected.
     client_timeout_seconds: a client that has not replied by then is dropped from the round.
     strategy: aggregation: `fedavg`, `fedprox`, `ffa_lora` (A frozen, only B trained and sent),
-        `flora` (stacked LoRA products, allows per-client ranks) or `ties` (TIES-merging of the client
-        updates: trim, elect sign, merge agreeing entries; see `blindtune.federation.strategies`).
+        `flora` (stacked LoRA products, allows per-client ranks), `ties` (TIES-merging of the client
+        updates: trim, elect sign, merge agreeing entries) or `conflict_projection` (each update loses
+        its components that conflict with the others' before the mean; see
+        `blindtune.federation.strategies`).
     proximal_mu: FedProx's proximal weight (strategy `fedprox`).
     ties_density: share of each client update's largest-magnitude entries kept by `ties` (per tensor).
     ties_scale: `ties` moves the global state by this multiple of the merged update.

@@ -19,6 +19,13 @@
   each client's dense product (alpha / r_i) B_i A_i per module, TIES-merges those, and keeps the
   merge as its best rank-sum(r_i) factors (the truncation drops the least energy; the share kept
   is logged), stacked onto the global state like FLoRA's, so downloads stay LoRA-sized.
+- `conflict_projection`: removes the conflicting directions between client updates before averaging
+  them (gradient surgery, PCGrad; Yu et al., 2020): wherever <u_i, u_j> < 0, client i's update loses its
+  component along u_j (u_i <- u_i - <u_i, u_j> / ||u_j||^2 u_j, every j in turn, cyclically from i + 1),
+  then the projected updates are averaged by examples. Per tensor (per LoRA module). Unlike TIES it
+  never works entry by entry: every projected update stays a linear combination of the clients'
+  updates, so with LoRA the merge is exact as FLoRA-style stacked factors (no truncation), and only the
+  clients' Gram matrix, r x r products of the factors, is computed.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class StrategyName(enum.StrEnum):
     FFA_LORA = "ffa_lora"
     FLORA = "flora"
     TIES = "ties"
+    CONFLICT_PROJECTION = "conflict_projection"
 
 
 class FedAvg:
@@ -174,7 +182,6 @@ class FLoRA(FedAvg):
         return shapes
 
     def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
-        total = sum(u.num_examples for u in updates)
         stacked = dict(global_state)
         for name in self.template:
             if ".lora_A." not in name:
@@ -182,14 +189,21 @@ class FLoRA(FedAvg):
             b_name = name.replace(".lora_A.", ".lora_B.")
             a_parts = [stacked[name]] if name in stacked else []
             b_parts = [stacked[b_name]] if b_name in stacked else []
-            for update in updates:
-                a, b = update.state[name], update.state[b_name]
-                weight = (update.num_examples / total) * (self.adapter.lora_alpha / a.shape[0])
+            factors = [
+                (u.state[name], u.state[b_name] * (self.adapter.lora_alpha / u.state[name].shape[0])) for u in updates
+            ]
+            for (a, b), coefficient in zip(factors, self.product_coefficients(factors, updates), strict=True):
                 a_parts.append(a)
-                b_parts.append(b * weight)
+                b_parts.append(b * coefficient)
             stacked[name] = torch.cat(a_parts, dim=0)
             stacked[b_name] = torch.cat(b_parts, dim=1)
         return stacked
+
+    def product_coefficients(
+        self, factors: list[tuple[torch.Tensor, torch.Tensor]], updates: list[ClientUpdate]
+    ) -> list[float]:
+        """The multiple of each client's (scaled) product B_i A_i added to the global state: its share of examples."""
+        return example_weights(updates)
 
     @contextmanager
     def plugged_in(self, llm: nn.Module, global_state: AdapterState) -> Iterator[nn.Module]:
@@ -251,8 +265,7 @@ class TIES(FedAvg):
         self.density, self.scale = density, scale
 
     def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
-        total = sum(u.num_examples for u in updates)
-        weights = [u.num_examples / total for u in updates]
+        weights = example_weights(updates)
         merged = dict(global_state)
         for name in self.returned_names(global_state):
             base = global_state[name].double()
@@ -273,8 +286,7 @@ class TIESLoRA(FLoRA):
         self.retained_energy: float | None = None  # smallest share of a merge's energy kept by the factors, last round
 
     def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
-        total = sum(u.num_examples for u in updates)
-        weights = [u.num_examples / total for u in updates]
+        weights = example_weights(updates)
         stacked = dict(global_state)
         retained = []
         for name in self.template:
@@ -297,6 +309,68 @@ class TIESLoRA(FLoRA):
         self.retained_energy = min(retained) if retained else None
         log.info("ties: rank-truncated merges keep >= %s of their energy", self.retained_energy)
         return stacked
+
+
+def example_weights(updates: list[ClientUpdate]) -> list[float]:
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
+
+
+def deconflicted_coefficients(gram: torch.Tensor, weights: list[float]) -> list[float]:
+    """c with sum_k c_k u_k = the example-weighted mean of the conflict-projected updates (see
+    `conflict_projection` above), from the updates' Gram matrix gram[i, j] = <u_i, u_j> alone."""
+    n = gram.shape[0]
+    if gram.shape != (n, n) or len(weights) != n:
+        raise ValueError(f"need an n x n Gram matrix and n weights, got {tuple(gram.shape)} and {len(weights)}")
+    if not torch.isfinite(gram).all():
+        raise ValueError("conflict_projection: an update holds NaN or Inf values")
+    gram = gram.double()
+    # Row i: u_i' as a combination of the original updates; <u_i', u_j> = (C @ gram)[i, j].
+    combination = torch.eye(n, dtype=torch.float64)
+    for i in range(n):
+        for j in ((i + step) % n for step in range(1, n)):
+            inner = combination[i] @ gram[:, j]
+            if inner < 0 and gram[j, j] > 0:
+                combination[i, j] -= inner / gram[j, j]
+    return (torch.tensor(weights, dtype=torch.float64) @ combination).tolist()
+
+
+class ConflictProjection(FedAvg):
+    """Conflict projection of dense client updates (layer adapters, soft prompts, any full tensors)."""
+
+    name = StrategyName.CONFLICT_PROJECTION
+
+    def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
+        weights = example_weights(updates)
+        merged = dict(global_state)
+        for name in self.returned_names(global_state):
+            base = global_state[name].double()
+            deltas = torch.stack([(u.state[name].double() - base).flatten() for u in updates])
+            coefficients = torch.tensor(deconflicted_coefficients(deltas @ deltas.T, weights), dtype=torch.float64)
+            merged[name] = (base + (coefficients @ deltas).reshape(base.shape)).to(global_state[name].dtype)
+        return merged
+
+
+class ConflictProjectionLoRA(FLoRA):
+    """Conflict projection of the clients' LoRA products, kept exactly as stacked factors (see above)."""
+
+    name = StrategyName.CONFLICT_PROJECTION
+
+    def product_coefficients(
+        self, factors: list[tuple[torch.Tensor, torch.Tensor]], updates: list[ClientUpdate]
+    ) -> list[float]:
+        # <B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T)): r_i x r_j matrices, never the dense products.
+        gram = torch.tensor(
+            [
+                [
+                    float(((b_i.double().T @ b_j.double()) * (a_i.double() @ a_j.double().T)).sum())
+                    for a_j, b_j in factors
+                ]
+                for a_i, b_i in factors
+            ],
+            dtype=torch.float64,
+        )
+        return deconflicted_coefficients(gram, example_weights(updates))
 
 
 def low_rank_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -332,6 +406,10 @@ def build_strategy(
         if adapter.kind is AdapterKind.LORA:
             return TIESLoRA(adapter, ties_density, ties_scale)
         return TIES(adapter, ties_density, ties_scale)
+    if name is StrategyName.CONFLICT_PROJECTION:
+        if adapter.kind is AdapterKind.LORA:
+            return ConflictProjectionLoRA(adapter)
+        return ConflictProjection(adapter)
     return FedAvg(adapter)
 
 

@@ -4,12 +4,15 @@ import torch
 from blindtune.federation.aggregation import ClientUpdate
 from blindtune.federation.strategies import (
     TIES,
+    ConflictProjection,
+    ConflictProjectionLoRA,
     FedAvg,
     FFALoRA,
     FLoRA,
     StrategyName,
     TIESLoRA,
     build_strategy,
+    deconflicted_coefficients,
     low_rank_factors,
     ties_merge,
 )
@@ -168,3 +171,36 @@ def test_low_rank_factors_are_the_best_truncation(shape):
     assert kept == pytest.approx((singular[:3].pow(2).sum() / singular.pow(2).sum()).item(), rel=1e-6)
     exact_a, exact_b, everything = low_rank_factors(matrix, 7)
     assert torch.allclose(exact_b @ exact_a, matrix, atol=1e-9) and everything == pytest.approx(1.0)
+
+
+def test_conflict_projection_removes_the_conflicting_component_by_hand():
+    # u1 = (1, 0), u2 = (-1, 1): <u1, u2> = -1. u1' = u1 + u2 / 2 = (0.5, 0.5); u2' = u2 + u1 = (0, 1).
+    u1, u2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    strategy = ConflictProjection(AdapterConfig(kind=AdapterKind.LAYERS))
+    base = {"w": torch.zeros(2)}
+    merged = strategy.aggregate([ClientUpdate(1, {"w": u1}, 1), ClientUpdate(2, {"w": u2}, 1)], base)
+    assert torch.allclose(merged["w"], torch.tensor([0.25, 0.75]))
+    plain = FedAvg(AdapterConfig(kind=AdapterKind.LAYERS)).aggregate(
+        [ClientUpdate(1, {"w": u1}, 1), ClientUpdate(2, {"w": u2}, 1)], base
+    )
+    assert torch.allclose(plain["w"], torch.tensor([0.0, 0.5]))  # the mean lets the first coordinate cancel
+
+
+def test_conflict_projection_without_conflicts_is_the_weighted_mean():
+    gram = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    assert deconflicted_coefficients(gram, [0.25, 0.75]) == pytest.approx([0.25, 0.75])
+    with pytest.raises(ValueError, match="NaN"):
+        deconflicted_coefficients(torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), [0.5, 0.5])
+
+
+def test_conflict_projection_of_lora_is_exact_on_the_products():
+    clients = [ClientUpdate(i, _lora_state(2, seed), n) for i, (seed, n) in enumerate([(1, 10), (2, 30), (5, 20)])]
+    products = torch.stack([_product(u.state).flatten() for u in clients])
+    weights = [1 / 6, 1 / 2, 1 / 3]
+    expected = (torch.tensor(deconflicted_coefficients(products @ products.T, weights)) @ products).reshape(3, 4)
+    strategy = build_strategy(StrategyName.CONFLICT_PROJECTION, LORA, 0.0)
+    assert isinstance(strategy, ConflictProjectionLoRA)
+    state = strategy.aggregate(clients, strategy.initial_global(_lora_state(2, 0)))
+    assert state[A].shape == (6, 4)
+    assert torch.allclose(state[B] @ state[A], expected, atol=1e-5)
+    assert not torch.allclose(expected, (torch.tensor(weights) @ products).reshape(3, 4), atol=1e-3)

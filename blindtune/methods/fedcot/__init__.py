@@ -8,7 +8,7 @@ import copy
 
 from flwr.app import RecordDict
 
-from blindtune.data import Example
+from blindtune.data import Example, TaskKind
 from blindtune.federation.records import MessageKind
 from blindtune.methods import register_method
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
@@ -35,6 +35,10 @@ class FedCoT:
     config_class = FedCoTConfig
     # The ledger check counts texts in these reply records as privatised (and still checks them for raw text).
     privatised_text_records = PRIVATISED_RECORDS
+    # Rationales help generation tasks (GSM8K) most; the benchmark suite runs FedCoT on both kinds.
+    task_kinds = (TaskKind.MULTIPLE_CHOICE, TaskKind.GENERATION)
+    # metrics.plugin is the client SLM's accuracy: FedCoT plugs nothing into the LLM.
+    result_name = "client SLM"
 
     def server(self, run: ServerRun) -> dict[str, object]:
         return run_server(run)
