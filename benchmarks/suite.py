@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -167,6 +168,7 @@ def run_one(
     )
     config = run_config_from_dict(data)
     entry: dict[str, Any] = {"task": task, "method": method, "seed": seed, "dir": str(run_dir)}
+    print(f"[suite] {task} / {method} / seed {seed}", flush=True)
     results_file, config_file, timing_file = run_dir / "results.json", run_dir / "config.json", run_dir / "timing.json"
     if (
         not fresh
@@ -200,6 +202,13 @@ def run_one(
     return {**entry, "status": "ran", **timing}
 
 
+def _init_worker(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_utility(
     budget: Budget,
     methods: Sequence[str],
@@ -208,9 +217,13 @@ def run_utility(
     fresh: bool,
     progress: bool,
     overrides: dict[str, Any] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
+    """Every (task, method, seed) run; `jobs` > 1 runs that many at once, each in its own process (on a
+    small CPU machine two single-threaded runs use the cores better than one run with two threads)."""
     tasks_info: dict[str, dict[str, Any]] = {}
-    entries = []
+    planned = []
     for task in tasks:
         kind, unavailable = task_status(task)
         runnable = [m for m in methods if kind is not None and kind in method_task_kinds(m)]
@@ -219,16 +232,31 @@ def run_utility(
             baselines = budget.baselines == "all" or method == REFERENCE_METHOD
             for seed in budget.seeds:
                 run_dir = out / "runs" / task / method / f"seed{seed}"
-                print(f"[suite] {task} / {method} / seed {seed}", flush=True)
-                entry = run_one(budget.name, task, method, seed, baselines, run_dir, fresh, progress, overrides)
-                print(
-                    f"[suite] {task} / {method} / seed {seed}: {entry['status']}"
-                    + (f" in {entry['wall_seconds']:.0f} s" if "wall_seconds" in entry else "")
-                    + (f" ({entry['error']})" if "error" in entry else ""),
-                    flush=True,
-                )
-                entries.append(entry)
-    return {"tasks": tasks_info, "runs": entries}
+                planned.append((budget.name, task, method, seed, baselines, run_dir, fresh, progress, overrides))
+
+    def reported(entry: dict[str, Any]) -> dict[str, Any]:
+        print(
+            f"[suite] {entry['task']} / {entry['method']} / seed {entry['seed']}: {entry['status']}"
+            + (f" in {entry['wall_seconds']:.0f} s" if "wall_seconds" in entry else "")
+            + (f" ({entry['error']})" if "error" in entry else ""),
+            flush=True,
+        )
+        return entry
+
+    started = time.perf_counter()
+    if jobs <= 1:
+        entries = [reported(run_one(*arguments)) for arguments in planned]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # no forked torch/Ray state in the workers
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = [pool.submit(run_one, *arguments) for arguments in planned]
+            entries = [reported(future.result()) for future in futures]
+    # Runs reused from an earlier invocation count with the wall time they took then.
+    wall = time.perf_counter() - started + sum(e.get("wall_seconds", 0.0) for e in entries if e["status"] == "reused")
+    return {"tasks": tasks_info, "runs": entries, "jobs": jobs, "wall_seconds": wall}
 
 
 # ---- the summary table -------------------------------------------------------------------------
@@ -541,9 +569,12 @@ def merge_utility(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[
         return new
     key = lambda entry: (entry["task"], entry["method"], entry["seed"])  # noqa: E731
     rerun = {key(entry) for entry in new["runs"]}
+    kept = [e for e in previous["runs"] if key(e) not in rerun]
     return {
+        **new,
         "tasks": {**previous["tasks"], **new["tasks"]},
-        "runs": [e for e in previous["runs"] if key(e) not in rerun] + new["runs"],
+        "runs": kept + new["runs"],
+        "wall_seconds": new.get("wall_seconds", 0.0) + sum(e.get("wall_seconds", 0.0) for e in kept),
     }
 
 
@@ -563,6 +594,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch threads for this process and its children (default: torch's own choice, all cores); "
         "on a machine shared with other jobs 1 is much faster",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="utility runs at once, each in its own process (default: one per core when --threads is 1, else 1)",
+    )
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose results already exist")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -570,8 +607,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from blindtune.methods import method_names
 
     if args.threads:
-        import os
-
         import torch
 
         torch.set_num_threads(args.threads)
@@ -609,8 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def save() -> None:
         timings = suite["part_timings"]
         utility_runs = suite.get("utility", {}).get("runs", [])
+        # Measured, not summed over runs: with --jobs runs overlap (see run_utility and merge_utility).
         timings["utility"] = {
-            "wall_seconds": sum(e.get("wall_seconds", 0.0) for e in utility_runs),
+            "wall_seconds": suite.get("utility", {}).get("wall_seconds", 0.0),
             "cpu_seconds": sum(e.get("cpu_seconds", 0.0) for e in utility_runs),
             "torch_threads": ", ".join(sorted({str(e["torch_threads"]) for e in utility_runs if "torch_threads" in e})),
         }
@@ -645,7 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seen = {m: examples_seen({"config": base_config(budget.name, m)}) for m in methods}
         if len(set(seen.values())) > 1:
             suite["notes"].append(f"trained rows see different numbers of examples per method: {seen}")
-        new = run_utility(budget, methods, tasks, out, args.fresh, not args.no_progress, overrides)
+        jobs = args.jobs or ((os.cpu_count() or 1) if args.threads == 1 else 1)
+        new = run_utility(budget, methods, tasks, out, args.fresh, not args.no_progress, overrides, jobs, args.threads)
         suite["utility"] = merge_utility(previous.get("utility"), new)
         save()
     if "utility" in suite:

@@ -167,6 +167,17 @@ def test_merge_utility_replaces_rerun_entries() -> None:
     assert set(merged["tasks"]) == {"a", "b"} and merged["runs"] == new["runs"]
 
 
+def test_merge_utility_adds_the_wall_time_of_kept_runs() -> None:
+    old = {"tasks": {"a": {}}, "runs": [{"task": "a", "method": "m", "seed": 0, "wall_seconds": 30.0}]}
+    new = {
+        "tasks": {"b": {}},
+        "runs": [{"task": "b", "method": "m", "seed": 0, "wall_seconds": 50.0}],
+        "wall_seconds": 20.0,
+    }
+    merged = merge_utility(old, new)
+    assert len(merged["runs"]) == 2 and merged["wall_seconds"] == pytest.approx(50.0)
+
+
 def test_slope_and_overhead() -> None:
     assert slope([{"clients": 2, "x": 4.0}, {"clients": 8, "x": 10.0}], "x") == pytest.approx(1.0)
     assert slope([{"clients": 2, "x": 4.0}], "x") is None
