@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -54,11 +53,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from blindtune.encoding import pad_right
-from blindtune.models.distill import model_fingerprint
+from blindtune.models.distill import TextBatches, model_fingerprint, optimise_parameters
 from blindtune.models.loading import cache_dir
 from blindtune.models.surgery import decoder_layers, split_canonical_name
 
@@ -504,52 +502,38 @@ def distill_logits(
     """Train the proxy's decoder layers (in place) towards the LLM's next-token distributions; per-step losses."""
     if not texts:
         raise ValueError("no public text to distil on")
-    parameters = list(decoder_layers(proxy).parameters())
-    states = {id(p): p.requires_grad for p in proxy.parameters()}
-    for parameter in proxy.parameters():
-        parameter.requires_grad_(False)
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-    rng = random.Random(seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = TextBatches(tokenizer, texts, config.max_length, seed)
     temperature = config.temperature
-    history = []
-    proxy.train()
-    try:
-        for step in tqdm(range(config.steps), desc="distil proxy", disable=not progress, leave=False):
-            sequences: list[list[int]] = []
-            while len(sequences) < config.batch_size:
-                text = texts[rng.randrange(len(texts))]
-                tokens = list(tokenizer(text, truncation=True, max_length=config.max_length)["input_ids"])
-                if len(tokens) >= 2:
-                    sequences.append(tokens)
-            ids, mask = pad_right(sequences, pad_id)
-            real = mask[:, 1:].bool()
-            with torch.no_grad():
-                teacher = llm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][real].float()
-            student = proxy(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][real].float()
-            kl = F.kl_div(
-                F.log_softmax(student / temperature, dim=-1),
-                F.log_softmax(teacher / temperature, dim=-1),
-                log_target=True,
-                reduction="batchmean",
-            ) * (temperature**2)
-            lm = F.cross_entropy(student, ids[:, 1:][real])
-            loss = kl + config.lm_weight * lm
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"distil proxy, step {step}: the loss became {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            history.append({"loss": loss.item(), "kl": kl.item(), "lm": lm.item()})
-    finally:
-        proxy.eval()
-        for parameter in proxy.parameters():
-            parameter.requires_grad_(states[id(parameter)])
-    if history:
-        log.info("distil proxy: first %s, last %s", history[0], history[-1])
+
+    def backward_step(step: int) -> dict[str, float]:
+        ids, mask = batches.next(config.batch_size)
+        real = mask[:, 1:].bool()
+        with torch.no_grad():
+            teacher = llm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][real].float()
+        student = proxy(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][real].float()
+        kl = F.kl_div(
+            F.log_softmax(student / temperature, dim=-1),
+            F.log_softmax(teacher / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        ) * (temperature**2)
+        lm = F.cross_entropy(student, ids[:, 1:][real])
+        loss = kl + config.lm_weight * lm
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the loss became {loss.item()}")
+        loss.backward()
+        return {"loss": loss.item(), "kl": kl.item(), "lm": lm.item()}
+
+    history = optimise_parameters(
+        proxy,
+        list(decoder_layers(proxy).parameters()),
+        config.steps,
+        config.learning_rate,
+        backward_step,
+        "distil proxy",
+        progress,
+    )
+    proxy.eval()
     return history
 
 

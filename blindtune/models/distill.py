@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,7 @@ def proxy_prompts(model: nn.Module, rows: int, settings: ProxyPrompts, generator
     return torch.where(use_tokens, tokens, gaussian).to(table.device, table.dtype)
 
 
-class _TextBatches:
+class TextBatches:
     """Seeded random batches of public texts, tokenised when drawn (most texts are never drawn)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, seed: int) -> None:
@@ -404,6 +404,46 @@ class _PerturbedAdapters:
         self.originals.clear()
 
 
+def optimise_parameters(
+    model: nn.Module,
+    parameters: list[nn.Parameter],
+    steps: int,
+    learning_rate: float,
+    backward_step: Callable[[int], dict[str, float]],
+    desc: str,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """AdamW on `parameters` alone: the rest of `model` is frozen meanwhile, then restored. Each step,
+    `backward_step(step)` computes the loss, back-propagates it and returns its parts (with `loss`);
+    gradients are clipped to norm 1. Returns the parts of every step."""
+    states = {id(p): p.requires_grad for p in model.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    was_training = model.training
+    model.train()
+    history = []
+    try:
+        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                parts = backward_step(step)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"{desc}, step {step}: {error}") from error
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            history.append(parts)
+    finally:
+        model.train(was_training)
+        for parameter in model.parameters():
+            parameter.requires_grad_(states[id(parameter)])
+    if history:
+        log.info("%s: first %s, last %s", desc, history[0], history[-1])
+    return history
+
+
 def _optimise(
     pair: EmulatorPair,
     tokenizer: PreTrainedTokenizerBase,
@@ -417,36 +457,18 @@ def _optimise(
     parameters = pair.middle_parameters()
     if not parameters:
         raise ValueError("the emulator has no middle layers to train")
-    states = {id(p): p.requires_grad for p in pair.emulator.parameters()}
-    for parameter in pair.emulator.parameters():
-        parameter.requires_grad_(False)
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-    batches = _TextBatches(tokenizer, texts, config.max_length, seed)
+    batches = TextBatches(tokenizer, texts, config.max_length, seed)
     generator = torch.Generator().manual_seed(seed)
-    was_training = pair.emulator.training
-    pair.emulator.train()
     pair.llm.eval()
-    history = []
-    try:
-        for step in tqdm(range(config.steps), desc=desc, disable=not progress, leave=False):
-            ids, mask = batches.next(config.batch_size)
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                loss, parts = objective(pair, ids, mask, config, generator)
-            except FloatingPointError as error:
-                raise FloatingPointError(f"{desc}, step {step}: {error}") from error
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            history.append({"loss": loss, **parts})
-    finally:
-        pair.emulator.train(was_training)
-        for parameter in pair.emulator.parameters():
-            parameter.requires_grad_(states[id(parameter)])
-    if history:
-        log.info("%s: first %s, last %s", desc, history[0], history[-1])
-    return history
+
+    def backward_step(step: int) -> dict[str, float]:
+        ids, mask = batches.next(config.batch_size)
+        loss, parts = objective(pair, ids, mask, config, generator)
+        return {"loss": loss, **parts}
+
+    return optimise_parameters(
+        pair.emulator, parameters, config.steps, config.learning_rate, backward_step, desc, progress
+    )
 
 
 # ---- preparing (and caching) an emulator -----------------------------------------------------------

@@ -13,8 +13,8 @@ from blindtune.models.distill import (
     ElevationConfig,
     EmulatorPair,
     ProxyPrompts,
+    TextBatches,
     _distill_loss,
-    _TextBatches,
     adapter_gradient_cosine,
     cpl,
     distill_emulator,
@@ -54,7 +54,7 @@ def test_public_text_is_split_and_never_the_clients_task(texts):
 def test_hidden_state_losses_are_zero_for_an_emulator_identical_to_the_llm(tiny, texts):
     pair = _pair(tiny.model, keep_every=1)  # the middle block is kept whole: emulator == LLM
     config = DistillConfig(ppd_weight=10.0, proxy=ProxyPrompts(length=3, std=20.0, token_fraction=0.5))
-    ids, mask = _TextBatches(tiny.tokenizer, texts.train[:64], 32, seed=0).next(8)
+    ids, mask = TextBatches(tiny.tokenizer, texts.train[:64], 32, seed=0).next(8)
     _, parts = _distill_loss(pair, ids, mask, config, torch.Generator().manual_seed(0))  # (also back-propagates)
     assert parts["kd"] < 1e-10 and parts["ppd"] < 1e-10
     assert parts["lm"] > 0
