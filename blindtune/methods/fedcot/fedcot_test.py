@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -22,7 +23,7 @@ from blindtune.methods.fedcot.rationales import (
     rationale_examples,
 )
 from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, hand_out_content, privacy_summary, run_server
-from blindtune.methods.fedcot.sweep import markdown_table, parse_epsilons, plot
+from blindtune.methods.fedcot.sweep import finished_run, markdown_table, parse_epsilons, plot
 from blindtune.models import tiny_model
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.ledger_check import ReceivedText, TrafficAudit, check
@@ -168,6 +169,17 @@ def test_sweep_table_and_plot(tmp_path):
     assert "| inf | 0.500 | inf | inf | 1.000 |" in text and "label_only 0.300" in text
     plot(table, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_sweep_reuses_a_finished_run_of_the_same_config_only(tiny_model_dir, tmp_path):
+    config = tiny_run_config("fedcot", tiny_model_dir, {})
+    assert finished_run(config, tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    assert finished_run(config, tmp_path) is None  # no results: the run did not finish
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"plugin": 0.5}}))
+    assert finished_run(config, tmp_path) == {"metrics": {"plugin": 0.5}}
+    other = tiny_run_config("fedcot", tiny_model_dir, {"seed": 1})
+    assert finished_run(other, tmp_path) is None
 
 
 def test_membership_inference_audit_is_refused(tiny_model_dir, tmp_path):

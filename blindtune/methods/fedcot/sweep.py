@@ -4,9 +4,11 @@
         --epsilons 1,3,10,inf --out runs/fedcot-sweep
 
 Each epsilon is a full run (`DIR/eps-<epsilon>/results.json`); the label-only pass and the reference
-baselines, which do not depend on epsilon, run with the first epsilon only. A row holds the client SLM's
-accuracy after FedCoT training, the budget spent per token and per prompt, and the share of private
-tokens the nearest-neighbour attack recovers from what the server received.
+baselines, which do not depend on epsilon, run with the first epsilon only. A run already finished in
+DIR with the same config is reused, so an interrupted or extended sweep only runs what is missing.
+A row holds the client SLM's accuracy after FedCoT training, the budget spent per token and per
+prompt, and the share of private tokens the nearest-neighbour attack recovers from what the server
+received.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import load_run_config
+from blindtune.config import RunConfig, load_run_config
 from blindtune.methods.fedcot.server import METHOD_PRIVACY
 from blindtune.runner import run_experiment
 
@@ -58,6 +60,14 @@ def sweep_row(epsilon: float, results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def finished_run(config: RunConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The results of an earlier sweep's run of exactly this config (a rerun sweep skips it), else None."""
+    results_file, config_file = run_dir / "results.json", run_dir / "config.json"
+    if results_file.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == config.to_dict():
+        return json.loads(results_file.read_text())
+    return None
+
+
 def sweep(
     config_path: Path, epsilons: Sequence[float], out_dir: Path, engine: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -75,7 +85,9 @@ def sweep(
         if engine is not None:
             overrides["federation"] = {"engine": engine}
         config = load_run_config(config_path, overrides)
-        results = run_experiment(config, out_dir / f"eps-{epsilon_name(epsilon)}", progress=progress)
+        results = finished_run(config, out_dir / f"eps-{epsilon_name(epsilon)}") or run_experiment(
+            config, out_dir / f"eps-{epsilon_name(epsilon)}", progress=progress
+        )
         if first:
             references = {
                 key: value
