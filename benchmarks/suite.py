@@ -73,8 +73,8 @@ BUDGETS = {
             "1 seed; 3 clients x 2 rounds x 6 steps x 8 examples; 100 test examples per task; in-process engine "
             "(same apps and records as Flower's simulation engine, without Ray's start-up); LLEOT's emulator "
             "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy as its acceptance config; "
-            "FedMKT 64 public examples, 6 + 4 distillation steps; FedCoT 24 privatised prompts per client "
-            "(epsilon 50 per private token, adaptive), 48-token rationales, the only method on GSM8K; baselines "
+            "FedMKT 32 public examples, 4 + 3 distillation steps; FedCoT 16 privatised prompts per client "
+            "(epsilon 50 per private token, adaptive), 40-token rationales, the only method on GSM8K; baselines "
             "for offsite only; PubMedQA only in the full budget.",
         ],
     ),
@@ -235,6 +235,9 @@ def run_utility(
             for seed in budget.seeds:
                 run_dir = out / "runs" / task / method / f"seed{seed}"
                 planned.append((budget.name, task, method, seed, baselines, run_dir, fresh, progress, overrides))
+
+    # The runs with baselines are the longest: start them first so parallel workers finish together.
+    planned.sort(key=lambda arguments: not arguments[4])
 
     def reported(entry: dict[str, Any]) -> dict[str, Any]:
         print(
