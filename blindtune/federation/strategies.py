@@ -14,25 +14,27 @@
   `ties_density` largest-magnitude entries (per tensor), every entry elects the sign with the larger
   example-weighted mass, and only the entries agreeing with it are averaged (weighted by examples);
   the global state moves by `ties_scale` x that merge. Under label skew clients' updates point in
-  conflicting directions and plain averaging lets them cancel. With LoRA the factors must not be
-  merged separately (TIES of A and of B is not TIES of B @ A): clients send LoRA, the server forms
-  each client's dense product (alpha / r_i) B_i A_i per module, TIES-merges those, and keeps the
-  merge as its best rank-sum(r_i) factors (the truncation drops the least energy; the share kept
-  is logged), stacked onto the global state like FLoRA's, so downloads stay LoRA-sized.
+  conflicting directions and plain averaging lets them cancel. With LoRA it merges the factors the
+  clients train, as FedAvg averages them, and clients continue from the merged factors. Merging the
+  products B_i A_i instead (exact, but kept as FLoRA-style stacked factors, so each round's clients
+  start a fresh LoRA on a merged base) was measured in FedProxy: the tuned proxy was as good, but
+  its update transferred to the LLM far worse (plug-in 30.5% against 61.0% on the factors;
+  `benchmarks/results/acceptance/README.md`).
 - `conflict_projection`: removes the conflicting directions between client updates before averaging
   them (gradient surgery, PCGrad; Yu et al., 2020): wherever <u_i, u_j> < 0, client i's update loses its
   component along u_j (u_i <- u_i - <u_i, u_j> / ||u_j||^2 u_j, every j in turn, cyclically from i + 1),
   then the projected updates are averaged by examples. Per tensor (per LoRA module). Unlike TIES it
   never works entry by entry: every projected update stays a linear combination of the clients'
-  updates, so with LoRA the merge is exact as FLoRA-style stacked factors (no truncation), and only the
-  clients' Gram matrix, r x r products of the factors, is computed.
+  updates, so with LoRA the merge of the products B_i A_i is exact as FLoRA-style stacked factors, and
+  only the clients' Gram matrix, r x r products of the factors, is computed. (On the factors it would
+  change nothing in FedProxy's runs: their factor updates never conflicted.) Measured in FedProxy: the
+  best tuned proxy, but, like every stacked merge there, an update that transfers poorly to the LLM.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -55,8 +57,6 @@ from blindtune.models.adapters import (
 
 if TYPE_CHECKING:
     from blindtune.config import FederationConfig
-
-log = logging.getLogger(__name__)
 
 
 class StrategyName(enum.StrEnum):
@@ -255,7 +255,7 @@ def _check_ties_settings(density: float, scale: float) -> None:
 
 
 class TIES(FedAvg):
-    """TIES-merging of dense client updates (layer adapters, soft prompts, any full tensors)."""
+    """TIES-merging of the client updates, tensor by tensor (layer weights, soft prompts, LoRA factors)."""
 
     name = StrategyName.TIES
 
@@ -272,43 +272,6 @@ class TIES(FedAvg):
             deltas = [u.state[name].double() - base for u in updates]
             merged[name] = (base + self.scale * ties_merge(deltas, weights, self.density)).to(global_state[name].dtype)
         return merged
-
-
-class TIESLoRA(FLoRA):
-    """TIES-merging of the clients' dense LoRA products, kept as stacked low-rank factors (see above)."""
-
-    name = StrategyName.TIES
-
-    def __init__(self, adapter: AdapterConfig, density: float, scale: float) -> None:
-        _check_ties_settings(density, scale)
-        super().__init__(adapter)
-        self.density, self.scale = density, scale
-        self.retained_energy: float | None = None  # smallest share of a merge's energy kept by the factors, last round
-
-    def aggregate(self, updates: list[ClientUpdate], global_state: AdapterState) -> AdapterState:
-        weights = example_weights(updates)
-        stacked = dict(global_state)
-        retained = []
-        for name in self.template:
-            if ".lora_A." not in name:
-                continue
-            b_name = name.replace(".lora_A.", ".lora_B.")
-            products = [
-                (u.state[b_name].double() @ u.state[name].double()) * (self.adapter.lora_alpha / u.state[name].shape[0])
-                for u in updates
-            ]
-            merged = self.scale * ties_merge(products, weights, self.density)
-            rank = min(sum(u.state[name].shape[0] for u in updates), *merged.shape)
-            lora_a, lora_b, kept = low_rank_factors(merged, rank)
-            retained.append(kept)
-            dtype = self.template[name].dtype
-            a_parts = [stacked[name]] if name in stacked else []
-            b_parts = [stacked[b_name]] if b_name in stacked else []
-            stacked[name] = torch.cat([*a_parts, lora_a.to(dtype)], dim=0)
-            stacked[b_name] = torch.cat([*b_parts, lora_b.to(dtype)], dim=1)
-        self.retained_energy = min(retained) if retained else None
-        log.info("ties: rank-truncated merges keep >= %s of their energy", self.retained_energy)
-        return stacked
 
 
 def example_weights(updates: list[ClientUpdate]) -> list[float]:
@@ -373,22 +336,6 @@ class ConflictProjectionLoRA(FLoRA):
         return deconflicted_coefficients(gram, example_weights(updates))
 
 
-def low_rank_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, share of the energy kept) with B @ A the best rank-`rank` approximation of `matrix`.
-
-    Projects onto the top eigenvectors of the Gram matrix of the smaller side (deterministic, and
-    cheaper than a full SVD); exact when `rank` reaches the smaller dimension.
-    """
-    m = matrix.double()
-    wide = m.shape[1] > m.shape[0]
-    eigenvalues, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending
-    top = vectors[:, -rank:]
-    lora_b, lora_a = (top, top.T @ m) if wide else (m @ top, top.T)
-    total = eigenvalues.clamp(min=0).sum()
-    kept = float(eigenvalues[-rank:].clamp(min=0).sum() / total) if total > 0 else 1.0
-    return lora_a, lora_b, kept
-
-
 def build_strategy(
     name: StrategyName,
     adapter: AdapterConfig,
@@ -403,8 +350,6 @@ def build_strategy(
     if name is StrategyName.FLORA:
         return FLoRA(adapter)
     if name is StrategyName.TIES:
-        if adapter.kind is AdapterKind.LORA:
-            return TIESLoRA(adapter, ties_density, ties_scale)
         return TIES(adapter, ties_density, ties_scale)
     if name is StrategyName.CONFLICT_PROJECTION:
         if adapter.kind is AdapterKind.LORA:
