@@ -17,14 +17,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    continuation: str,
+    max_length: int,
+    cut_continuation: bool = False,
 ) -> tuple[list[int], int]:
     """Token ids of `prompt + continuation` and the index where the continuation starts.
 
     The two parts are tokenised separately (the prompt with the tokenizer's default special tokens, the
     continuation without), as lm-evaluation-harness does: the continuation's tokens are then the same
     whatever precedes it, and the boundary between the parts is exact. A sequence longer than
-    `max_length` loses prompt tokens from the left, since the end of the prompt matters most.
+    `max_length` loses prompt tokens from the left, since the end of the prompt matters most; with
+    `cut_continuation` a continuation too long to leave half of `max_length` to the prompt is cut instead
+    (otherwise it is an error).
     """
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     continuation_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
@@ -32,6 +38,10 @@ def encode_pair(
         raise ValueError(f"continuation {continuation!r} has no tokens")
     if not prompt_ids:
         raise ValueError("the prompt has no tokens: nothing would predict the continuation's first token")
+    if cut_continuation and len(continuation_ids) > max_length - min(len(prompt_ids), max_length // 2):
+        # A long supplementary target (a worked solution) keeps its beginning and at least half of
+        # max_length (or the whole prompt) stays for the prompt that conditions it.
+        continuation_ids = continuation_ids[: max(1, max_length - min(len(prompt_ids), max_length // 2))]
     # At least one prompt token must stay: it is the position that predicts the first continuation token.
     room = max_length - len(continuation_ids)
     if room < 1:

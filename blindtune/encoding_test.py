@@ -60,6 +60,19 @@ def test_encode_pair_rejects_continuation_longer_than_max_length(tiny: LoadedMod
         encode_pair(tiny.tokenizer, "Q:", "", max_length=3)
 
 
+def test_encode_pair_can_cut_a_long_continuation_instead(tiny: LoadedModel) -> None:
+    tokenizer = tiny.tokenizer
+    prompt = " ".join(f"word{i}" for i in range(30))
+    solution = " ".join(f"step{i}" for i in range(40))
+    full, full_start = encode_pair(tokenizer, prompt, solution, max_length=1000)
+    ids, start = encode_pair(tokenizer, prompt, solution, max_length=20, cut_continuation=True)
+    assert len(ids) == 20 and start == 10  # half of max_length stays for the prompt
+    assert ids[start:] == full[full_start : full_start + 10]  # the solution's beginning
+    assert ids[:start] == full[full_start - 10 : full_start]  # the prompt's end
+    short = encode_pair(tokenizer, prompt, " the end", max_length=20, cut_continuation=True)[0]
+    assert short == encode_pair(tokenizer, prompt, " the end", max_length=20)[0] and len(short) == 20
+
+
 def test_collate_pairs_pads_right() -> None:
     batch = collate_pairs([([5, 6, 7], 2), ([8, 9, 10, 11, 12], 3)], pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]

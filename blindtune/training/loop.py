@@ -56,7 +56,8 @@ class AuxiliaryTask:
 
     Each step also draws `batch_size` of these examples (their own seeded shuffle) and minimises
     L = L_main + weight * L_auxiliary, each the mean over its own continuation tokens: a long auxiliary
-    target does not drown the short main one.
+    target does not drown the short main one. An auxiliary target longer than `max_length` allows is
+    cut to its beginning (a GSM8K worked solution can exceed it) rather than failing the client.
     """
 
     examples: Sequence[Example]
@@ -152,7 +153,10 @@ def train(
             raise NonFiniteLossError(f"{desc}: loss became {loss.item()} after {len(losses)} steps")
         objective = loss + proximal_term(parameters, start, config.proximal_mu) if start else loss
         if auxiliary is not None:
-            pairs = [encode_pair(tokenizer, e.prompt, e.target, config.max_length) for e in auxiliary_examples]
+            pairs = [
+                encode_pair(tokenizer, e.prompt, e.target, config.max_length, cut_continuation=True)
+                for e in auxiliary_examples
+            ]
             auxiliary_batch = collate_pairs(pairs, pad_id)
             auxiliary_loss = continuation_loss(model, auxiliary_batch)
             if not math.isfinite(auxiliary_loss.item()):
