@@ -38,7 +38,7 @@ def encode_pair(
         raise ValueError(f"continuation {continuation!r} has no tokens")
     if not prompt_ids:
         raise ValueError("the prompt has no tokens: nothing would predict the continuation's first token")
-    if cut_continuation and len(continuation_ids) > max_length - min(len(prompt_ids), max_length // 2):
+    if cut_continuation:
         # A long supplementary target (a worked solution) keeps its beginning and at least half of
         # max_length (or the whole prompt) stays for the prompt that conditions it.
         continuation_ids = continuation_ids[: max(1, max_length - min(len(prompt_ids), max_length // 2))]

@@ -323,14 +323,9 @@ class ConflictProjectionLoRA(FLoRA):
         self, factors: list[tuple[torch.Tensor, torch.Tensor]], updates: list[ClientUpdate]
     ) -> list[float]:
         # <B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T)): r_i x r_j matrices, never the dense products.
+        exact = [(a.double(), b.double()) for a, b in factors]
         gram = torch.tensor(
-            [
-                [
-                    float(((b_i.double().T @ b_j.double()) * (a_i.double() @ a_j.double().T)).sum())
-                    for a_j, b_j in factors
-                ]
-                for a_i, b_i in factors
-            ],
+            [[float(((b_i.T @ b_j) * (a_i @ a_j.T)).sum()) for a_j, b_j in exact] for a_i, b_i in exact],
             dtype=torch.float64,
         )
         return deconflicted_coefficients(gram, example_weights(updates))

@@ -500,12 +500,10 @@ def distill_logits(
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train the proxy's decoder layers (in place) towards the LLM's next-token distributions; per-step losses."""
-    if not texts:
-        raise ValueError("no public text to distil on")
-    batches = TextBatches(tokenizer, texts, config.max_length, seed)
+    batches = TextBatches(tokenizer, texts, config.max_length, seed)  # refuses empty texts
     temperature = config.temperature
 
-    def backward_step(step: int) -> dict[str, float]:
+    def backward_step() -> dict[str, float]:
         ids, mask = batches.next(config.batch_size)
         real = mask[:, 1:].bool()
         with torch.no_grad():

@@ -409,12 +409,12 @@ def optimise_parameters(
     parameters: list[nn.Parameter],
     steps: int,
     learning_rate: float,
-    backward_step: Callable[[int], dict[str, float]],
+    backward_step: Callable[[], dict[str, float]],
     desc: str,
     progress: bool,
 ) -> list[dict[str, float]]:
     """AdamW on `parameters` alone: the rest of `model` is frozen meanwhile, then restored. Each step,
-    `backward_step(step)` computes the loss, back-propagates it and returns its parts (with `loss`);
+    `backward_step()` computes the loss, back-propagates it and returns its parts (with `loss`);
     gradients are clipped to norm 1. Returns the parts of every step."""
     states = {id(p): p.requires_grad for p in model.parameters()}
     for parameter in model.parameters():
@@ -429,7 +429,7 @@ def optimise_parameters(
         for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
             try:
-                parts = backward_step(step)
+                parts = backward_step()
             except FloatingPointError as error:
                 raise FloatingPointError(f"{desc}, step {step}: {error}") from error
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -461,7 +461,7 @@ def _optimise(
     generator = torch.Generator().manual_seed(seed)
     pair.llm.eval()
 
-    def backward_step(step: int) -> dict[str, float]:
+    def backward_step() -> dict[str, float]:
         ids, mask = batches.next(config.batch_size)
         loss, parts = objective(pair, ids, mask, config, generator)
         return {"loss": loss, **parts}

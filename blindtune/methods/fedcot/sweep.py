@@ -85,9 +85,8 @@ def sweep(
         if engine is not None:
             overrides["federation"] = {"engine": engine}
         config = load_run_config(config_path, overrides)
-        results = finished_run(config, out_dir / f"eps-{epsilon_name(epsilon)}") or run_experiment(
-            config, out_dir / f"eps-{epsilon_name(epsilon)}", progress=progress
-        )
+        run_dir = out_dir / f"eps-{epsilon_name(epsilon)}"
+        results = finished_run(config, run_dir) or run_experiment(config, run_dir, progress=progress)
         if first:
             references = {
                 key: value
