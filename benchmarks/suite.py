@@ -72,10 +72,10 @@ BUDGETS = {
         notes=[
             "1 seed; 3 clients x 2 rounds x 6 steps x 8 examples; 100 test examples per task; in-process engine "
             "(same apps and records as Flower's simulation engine, without Ray's start-up); LLEOT's emulator "
-            "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy as its acceptance config; "
-            "FedMKT 32 public examples, 4 + 3 distillation steps; FedCoT 16 privatised prompts per client "
-            "(epsilon 50 per private token, adaptive), 40-token rationales, the only method on GSM8K; baselines "
-            "for offsite only; PubMedQA only in the full budget.",
+            "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy compressed as its acceptance "
+            "config's but distilled in 30 steps; FedMKT 16 public examples, 4 + 3 distillation steps; FedCoT 8 "
+            "privatised prompts per client (epsilon 50 per private token, adaptive), 24-token rationales, the "
+            "only method on GSM8K; baselines for offsite only; PubMedQA only in the full budget.",
         ],
     ),
     "full": Budget(

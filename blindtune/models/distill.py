@@ -17,6 +17,12 @@ Distillation (Offsite-Tuning's NLD when ppd_weight = 0):
 Elevation (LLEOT): E_P',x | L_emu(P'; x) - L_LLM(P'; x) - H |, P' empty for half of each batch and,
 for layer adapters, the same random perturbation of the adapter layers' weights in both models.
 An exact margin gives PPL_emu = e^H PPL_LLM while grad_adapter L_emu = grad_adapter L_LLM.
+Margin jitter (ours, J > 0): a uniform margin adds the same H to every token's loss, so the emulator
+still ranks multiple-choice answers as the LLM does, and keeps its accuracy. With J > 0 token x_t's
+margin is H_t = H + J z(x_t), z a fixed secret score of the vocabulary (mean 0 and standard deviation 1
+on public text, so the PPL ratio stays e^H), and H above becomes the text's mean_t H_t. The margin
+depends on the token, not on the context or the adapter, so adapter gradients are still the LLM's,
+while answers are re-ranked by their tokens' z.
 
 Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
 task's prompts, or a text file): never client data.
@@ -109,6 +115,9 @@ class ElevationConfig:
     proxy: the proxy prompts P' (half of each batch has none).
     adapter_weight_noise: relative std of the random perturbation applied to the adapter layers of
         both models at each step (0 disables it).
+    margin_jitter: J, how far each token's margin departs from H: token y's target margin is
+        H + J * z(y), z a fixed, secret (seeded) score of the vocabulary with mean 0 and standard
+        deviation 1 on the public text (0: the same margin H for every token, as in the paper).
     """
 
     margin: float = 4.0
@@ -118,12 +127,15 @@ class ElevationConfig:
     learning_rate: float = 3e-4
     proxy: ProxyPrompts = field(default_factory=ProxyPrompts)
     adapter_weight_noise: float = 0.01
+    margin_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
             raise ValueError(f"invalid elevation settings: {self}")
-        if self.adapter_weight_noise < 0:
-            raise ValueError(f"adapter_weight_noise must be >= 0, got {self.adapter_weight_noise}")
+        if self.adapter_weight_noise < 0 or self.margin_jitter < 0:
+            raise ValueError(f"adapter_weight_noise and margin_jitter must be >= 0: {self}")
+        if self.margin_jitter > 0 and 2 * self.margin_jitter >= self.margin:  # z is clipped to [-2, 2]
+            raise ValueError(f"margin_jitter must be below margin / 2 so every token's margin is > 0: {self}")
 
 
 @dataclass
@@ -197,7 +209,13 @@ def _wordnet_glosses(parts_of_speech: Sequence[str]) -> list[str]:
 @dataclass
 class _Pass:
     middle: Tensor  # (batch, length, hidden): the middle block's output at the text positions
-    nll: Tensor  # (batch,): mean next-token loss of each text
+    token_nll: Tensor  # (batch, length - 1): next-token losses, zero after each text's end
+    weights: Tensor  # (batch, length - 1): 1 where a real token is predicted
+
+    @property
+    def nll(self) -> Tensor:
+        """(batch,): the mean next-token loss of each text."""
+        return self.token_nll.sum(dim=1) / self.weights.sum(dim=1).clamp(min=1.0)
 
 
 def _run(model: nn.Module, middle_layer: nn.Module, prompt: Tensor | None, ids: Tensor, mask: Tensor) -> _Pass:
@@ -219,8 +237,7 @@ def _run(model: nn.Module, middle_layer: nn.Module, prompt: Tensor | None, ids: 
     logits = causal.get_output_embeddings()(hidden[:, :-1]).float()
     token_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     weights = mask[:, 1:].to(token_nll.dtype)
-    nll = (token_nll * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-    return _Pass(middle=captured[-1][:, prompt_length:], nll=nll)
+    return _Pass(middle=captured[-1][:, prompt_length:], token_nll=token_nll * weights, weights=weights)
 
 
 def hidden_distance(reference: Tensor, other: Tensor, mask: Tensor) -> Tensor:
@@ -322,8 +339,39 @@ def elevate_emulator(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H; per-step losses and margins."""
-    return _optimise(pair, tokenizer, texts, config, _elevation_loss, seed, progress, "elevate emulator")
+    """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H (with the margin jitter,
+    the text's mean token margin); per-step losses and margins."""
+    token_margins = config.margin + config.margin_jitter * margin_scores(pair.llm, tokenizer, texts, seed)
+
+    def objective(
+        pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
+    ) -> tuple[float, dict[str, float]]:
+        return _elevation_loss(pair, ids, mask, config, generator, token_margins)
+
+    return _optimise(pair, tokenizer, texts, config, objective, seed, progress, "elevate emulator")
+
+
+def margin_scores(
+    llm: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seed: int, max_texts: int = 2000
+) -> Tensor:
+    """z(y) of the margin jitter: each vocabulary entry's output embedding projected on a seeded random
+    direction u, standardised by the token frequencies of the public text and clipped to [-2, 2].
+
+    A shift of the emulator's final hidden state along u moves every token's logit by W_y . u, so
+    this per-token margin is reachable by the middle layers without looking at the context, and
+    thus without depending on the adapter."""
+    head = llm.get_output_embeddings().weight.detach().float().cpu()  # type: ignore[operator]
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(head.shape[1], generator=generator)
+    scores = head @ (direction / direction.norm())
+    counts = torch.zeros(head.shape[0])
+    for text in texts[:max_texts]:
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        counts += torch.bincount(ids[ids < head.shape[0]], minlength=head.shape[0]).float()
+    frequency = counts / counts.sum().clamp(min=1.0)
+    mean = (frequency * scores).sum()
+    std = (frequency * (scores - mean).pow(2)).sum().sqrt().clamp(min=1e-6)
+    return ((scores - mean) / std).clamp(-2.0, 2.0)
 
 
 def _distill_loss(
@@ -348,7 +396,12 @@ def _distill_loss(
 
 
 def _elevation_loss(
-    pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
+    pair: EmulatorPair,
+    ids: Tensor,
+    mask: Tensor,
+    config: Any,
+    generator: torch.Generator,
+    token_margins: Tensor,
 ) -> tuple[float, dict[str, float]]:
     """The elevation loss of one batch, back-propagated; (loss, mean deviation and margin)."""
     deviations, margins = [], []
@@ -358,7 +411,9 @@ def _elevation_loss(
             prompt = proxy_prompts(pair.llm, part_ids.shape[0], config.proxy, generator) if prompted else None
             reference, emulated = pair.passes(prompt, part_ids, part_mask)
             margin = emulated.nll - reference.nll
-            deviations.append((margin - config.margin).abs())
+            targets = token_margins.to(margin.device)[part_ids[:, 1:]] * reference.weights
+            target = targets.sum(dim=1) / reference.weights.sum(dim=1).clamp(min=1.0)
+            deviations.append((margin - target).abs())
             margins.append(margin.detach())
         loss = torch.cat(deviations).mean()
         _backward(loss)

@@ -15,11 +15,13 @@ from blindtune.models.distill import (
     ProxyPrompts,
     TextBatches,
     _distill_loss,
+    _elevation_loss,
     adapter_gradient_cosine,
     cpl,
     distill_emulator,
     elevate_emulator,
     hidden_distance,
+    margin_scores,
     perplexities,
     prepare_emulator,
     public_texts,
@@ -93,6 +95,30 @@ def test_elevation_drives_the_measured_margin_toward_h(texts):
     # the LLM itself is untouched: its adapter layers, perturbed during elevation, are restored exactly
     for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_margin_jitter_scores_are_standardised_on_public_text_and_secret(tiny, texts):
+    scores = margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=0)
+    assert scores.shape == (tiny.model.get_output_embeddings().weight.shape[0],)
+    assert scores.min() >= -2.0 and scores.max() <= 2.0
+    ids = torch.cat([torch.tensor(tiny.tokenizer(t)["input_ids"]) for t in texts.train[:300]])
+    assert abs(scores[ids].mean().item()) < 0.1 and 0.8 < scores[ids].std().item() < 1.1  # on the public text
+    assert torch.equal(scores, margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=0))
+    assert not torch.equal(scores, margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=1))
+    with pytest.raises(ValueError, match="margin_jitter"):
+        ElevationConfig(margin=4.0, margin_jitter=2.0)
+
+
+def test_elevation_targets_the_mean_margin_of_each_text_tokens(tiny, texts):
+    pair = _pair(tiny.model, keep_every=1)  # emulator == LLM: every measured margin is 0
+    config = ElevationConfig(margin=4.0, adapter_weight_noise=0.0, proxy=ProxyPrompts(length=0))
+    token_margins = 4.0 + 1.5 * margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=0)
+    ids, mask = TextBatches(tiny.tokenizer, texts.train[:64], 16, seed=0).next(4)
+    loss, parts = _elevation_loss(pair, ids, mask, config, torch.Generator().manual_seed(0), token_margins)
+    predicted = mask[:, 1:].bool()
+    expected = [token_margins[row[keep]].mean() for row, keep in zip(ids[:, 1:], predicted, strict=True)]
+    assert parts["margin"] == pytest.approx(0.0, abs=1e-5)
+    assert loss == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
 
 
 def test_measurements_on_an_identical_emulator(tiny, texts):

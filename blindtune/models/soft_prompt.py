@@ -55,10 +55,8 @@ def run_with_prompt(
     inputs_embeds = torch.cat([prompt.to(text.dtype), text], dim=1)
     mask = torch.cat([attention_mask.new_ones((text.shape[0], length)), attention_mask], dim=1)
     output = decoder(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
-    return BaseModelOutputWithPast(
-        last_hidden_state=output.last_hidden_state[:, length:],
-        past_key_values=getattr(output, "past_key_values", None),
-    )
+    # No cache is returned: it would hold the prompt's positions, which a later step would prepend again.
+    return BaseModelOutputWithPast(last_hidden_state=output.last_hidden_state[:, length:])
 
 
 class SoftPrompt(nn.Module):

@@ -42,7 +42,8 @@ class FedMKTConfig:
         server, never a client's data) or a `blindtune.models.distill.public_texts` source (plain texts:
         the first word is the prompt, the rest the reference continuation). Sent to clients as text.
     public_limit: public sequences used (the first n).
-    max_length: tokens per public sequence (prompt cut from the left, as in training).
+    max_length: tokens per public sequence (prompt cut from the left, as in training; an answer too long
+        to leave half of it to the prompt is cut).
     top_k / temperature: entries kept per position, and the softmax temperature over the kept logits.
     kd_alpha: loss = (1 - kd_alpha) * LM loss + kd_alpha * distillation loss, on both sides.
     selection / selection_temperature: how the server picks clients per sequence (see `Selection`).

@@ -85,7 +85,8 @@ def tokenizer_from_record(record: ConfigRecord) -> PreTrainedTokenizerBase:
 
 
 def encode_public(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> Encoded:
-    return [encode_pair(tokenizer, e.prompt, e.target, max_length) for e in examples]
+    # Distillation needs no whole answer: a long one (some PIQA solutions) is cut, not refused.
+    return [encode_pair(tokenizer, e.prompt, e.target, max_length, cut_continuation=True) for e in examples]
 
 
 def continuation_ids(encoded: Encoded) -> list[list[int]]:
