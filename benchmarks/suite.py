@@ -75,7 +75,8 @@ BUDGETS = {
             "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy compressed as its acceptance "
             "config's but distilled in 30 steps; FedMKT 16 public examples, 4 + 3 distillation steps; FedCoT 8 "
             "privatised prompts per client (epsilon 50 per private token, adaptive), 24-token rationales, the "
-            "only method on GSM8K; baselines for offsite only; PubMedQA only in the full budget.",
+            "only method on GSM8K (answers of at most 128 generated tokens); baselines for offsite only; PubMedQA "
+            "only in the full budget.",
         ],
     ),
     "full": Budget(

@@ -106,15 +106,21 @@ class EvalConfig:
     batch_size: examples per forward pass.
     length_normalized: score options by log-likelihood per character (acc_norm).
     every_round: evaluate the plugged-in LLM after every round (else only after the last).
+    max_new_tokens: generation tasks (GSM8K): tokens generated per answer at most.
     """
 
     limit: int | None = 200
     batch_size: int = 32
     length_normalized: bool = False
     every_round: bool = True
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if (self.limit is not None and self.limit < 1) or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"eval: limit, batch_size and max_new_tokens must be >= 1: {self}")
 
     def evaluator(self, task: TaskData, progress: bool = True) -> TaskEvaluator:
-        return TaskEvaluator(task, self.limit, self.batch_size, self.length_normalized, progress)
+        return TaskEvaluator(task, self.limit, self.batch_size, self.length_normalized, self.max_new_tokens, progress)
 
 
 @dataclass

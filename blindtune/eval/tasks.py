@@ -20,12 +20,16 @@ def evaluate_examples(
     *,
     batch_size: int = 32,
     length_normalized: bool = False,
+    max_new_tokens: int = 256,
     progress: bool = True,
     desc: str = "eval",
 ) -> float:
-    """Accuracy in [0, 1]: option log-likelihood for multiple choice, exact match for generation."""
+    """Accuracy in [0, 1]: option log-likelihood for multiple choice, exact match for generation (of at
+    most `max_new_tokens` tokens)."""
     if kind is TaskKind.GENERATION:
-        return evaluate_generation(model, tokenizer, list(examples), batch_size=batch_size, progress=progress).accuracy
+        return evaluate_generation(
+            model, tokenizer, list(examples), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        ).accuracy
     return evaluate_choices(
         model,
         tokenizer,
@@ -45,6 +49,7 @@ class TaskEvaluator:
     limit: int | None
     batch_size: int = 32
     length_normalized: bool = False
+    max_new_tokens: int = 256
     progress: bool = True
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
@@ -55,6 +60,7 @@ class TaskEvaluator:
             self.task.kind,
             batch_size=self.batch_size,
             length_normalized=self.length_normalized,
+            max_new_tokens=self.max_new_tokens,
             progress=self.progress,
             desc=desc,
         )

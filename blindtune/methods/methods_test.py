@@ -51,3 +51,29 @@ def test_flower_simulation_engine_runs_the_same_apps(tiny_model_dir, tmp_path):
     assert [row["round"] for row in results["history"]] == [1, 2]
     assert len({row["node_id"] for row in results["clients"]}) == 2
     assert results["failures"] == [] and 0.0 <= results["metrics"]["plugin"] <= 1.0
+
+
+# Methods whose clients train through the shared DP-SGD path with the default adapter; every other one must
+# refuse DP, not ignore it (LLEOT's default soft prompt is a module Opacus has no per-example gradient for).
+DP_METHODS = {"offsite", "fedproxy"}
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_dp_runs_with_its_epsilon_or_is_refused(method, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
+    overrides = {
+        **TINY_METHOD_SECTIONS.get(method, {}),
+        "baselines": {"centralized": False, "local_only": False},
+        "privacy": {"dp": {"enabled": True, "noise_multiplier": 1.0}},
+    }
+    config = tiny_run_config(method, tiny_model_dir, overrides)
+    if method not in DP_METHODS:
+        with pytest.raises(Exception, match=r"DP-SGD|plain training refused|not supported"):
+            results = run_experiment(config, tmp_path / "run", progress=False)
+            assert results["failures"] == [], results["failures"]  # a run that survived without DP fails here
+        return
+    results = run_experiment(config, tmp_path / "run", progress=False)
+    dp = results["privacy"]["dp"]
+    assert dp["enabled"] and 0 < dp["epsilon"] < float("inf")
+    assert list(dp["epsilon_by_round"]) == ["1", "2"] and dp["epsilon_by_round"]["1"] < dp["epsilon_by_round"]["2"]
+    assert results["failures"] == []

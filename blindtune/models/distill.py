@@ -341,7 +341,10 @@ def elevate_emulator(
 ) -> list[dict[str, float]]:
     """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H (with the margin jitter,
     the text's mean token margin); per-step losses and margins."""
-    token_margins = config.margin + config.margin_jitter * margin_scores(pair.llm, tokenizer, texts, seed)
+    vocabulary = pair.llm.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
+    token_margins = torch.full((vocabulary,), float(config.margin))
+    if config.margin_jitter > 0:
+        token_margins += config.margin_jitter * margin_scores(pair.llm, tokenizer, texts, seed)
 
     def objective(
         pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
