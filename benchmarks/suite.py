@@ -1,6 +1,6 @@
 """The benchmark suite: one utility table over tasks and methods, throughput, scale and communication.
 
-    python -m benchmarks.suite --quick            # 2 CPU cores, under 45 minutes
+    python -m benchmarks.suite --quick            # 2 CPU cores (target: under 45 minutes)
     python -m benchmarks.suite                    # full budget, a larger machine
     python -m benchmarks.suite --quick --parts utility --tasks piqa --methods offsite
 
@@ -586,7 +586,7 @@ def merge_utility(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="blindtune benchmark suite")
-    parser.add_argument("--quick", action="store_true", help="the 2-core budget (under 45 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the 2-core budget (target: under 45 minutes)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<budget>")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--tasks", nargs="+", default=None, help="default: the budget's tasks")

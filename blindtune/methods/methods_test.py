@@ -64,7 +64,10 @@ def test_dp_runs_with_its_epsilon_or_is_refused(method, tiny_model_dir, tmp_path
     overrides = {
         **TINY_METHOD_SECTIONS.get(method, {}),
         "baselines": {"centralized": False, "local_only": False},
-        "privacy": {"dp": {"enabled": True, "noise_multiplier": 1.0}},
+        "privacy": {
+            "dp": {"enabled": True, "noise_multiplier": 1.0},
+            "audit": {"membership_inference": method in DP_METHODS, "mia_examples": 8},
+        },
     }
     config = tiny_run_config(method, tiny_model_dir, overrides)
     if method not in DP_METHODS:
@@ -77,3 +80,5 @@ def test_dp_runs_with_its_epsilon_or_is_refused(method, tiny_model_dir, tmp_path
     assert dp["enabled"] and 0 < dp["epsilon"] < float("inf")
     assert list(dp["epsilon_by_round"]) == ["1", "2"] and dp["epsilon_by_round"]["1"] < dp["epsilon_by_round"]["2"]
     assert results["failures"] == []
+    # the audit plugs the final adapter into the LLM the method's way (FedProxy's fits only its proxy)
+    assert 0.0 <= results["privacy"]["membership_inference"]["loss"]["auc"] <= 1.0

@@ -184,7 +184,12 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
         )
 
     reference = losses(llm.model)
-    with strategy.plugged_in(llm.model, state) as adapted:
+    from blindtune.methods import get_method
+
+    # A method whose adapter does not fit the LLM as is (FedProxy's fits its proxy) says how to plug it in.
+    method_plug = getattr(get_method(config.method), "plugged_llm", None)
+    plugging = method_plug(config, llm, state) if method_plug else strategy.plugged_in(llm.model, state)
+    with plugging as adapted:
         target = losses(adapted)
     result = membership_inference(target, reference)
     result["target"] = "LLM with the final global adapter plugged in"

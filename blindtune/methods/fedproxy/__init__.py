@@ -11,7 +11,7 @@ from blindtune.methods import register_method
 from blindtune.methods.adapter_tuning import answer_client, centralized_adapter
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
 from blindtune.methods.fedproxy.config import FedProxyConfig
-from blindtune.methods.fedproxy.server import local_only_plugin, run_server
+from blindtune.methods.fedproxy.server import local_only_plugin, plugged_llm, run_server
 from blindtune.models import load_model
 from blindtune.models.surgery import num_decoder_layers
 
@@ -36,6 +36,9 @@ class FedProxy:
     def local_only(self, inputs: BaselineInputs) -> float:
         """Client 0 fine-tunes the proxy with only its own data; plugged into the LLM."""
         return local_only_plugin(inputs)
+
+    # The adapter fits the proxy, not the LLM: the audits plug it in through the proxy's update.
+    plugged_llm = staticmethod(plugged_llm)
 
 
 register_method(FedProxy())

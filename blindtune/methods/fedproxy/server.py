@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -28,7 +30,7 @@ from blindtune.federation.strategies import configured_strategy
 from blindtune.methods.base import BaselineInputs, ServerRun
 from blindtune.methods.fedproxy.config import FedProxyConfig
 from blindtune.models import load_model
-from blindtune.models.adapters import attach_adapter, plugged_in, untrained_adapter_state
+from blindtune.models.adapters import AdapterState, attach_adapter, plugged_in, untrained_adapter_state
 from blindtune.models.compression import (
     PreparedProxy,
     decoder_parameters,
@@ -85,6 +87,20 @@ def proxy_report(llm: LoadedModel, prepared: PreparedProxy, heldout: list[str], 
         "distilled": bool(prepared.history) or prepared.from_cache,
         "from_cache": prepared.from_cache,
     }
+
+
+@contextmanager
+def plugged_llm(config: RunConfig, llm: LoadedModel, state: AdapterState) -> Iterator[nn.Module]:
+    """The LLM with a global adapter plugged in as the server does: the adapter tunes the (cached) proxy,
+    and the proxy's weight update is scattered onto the LLM (for the audits, after the run)."""
+    method: FedProxyConfig = config.method_config
+    prepared = handed_out_proxy(llm, config, progress=False)
+    initial_weights = proxy_layer_state(prepared.model)
+    strategy = configured_strategy(config.federation, method.adapter)
+    with strategy.plugged_in(prepared.model, state) as tuned_proxy:
+        update = proxy_update(tuned_proxy, initial_weights)
+    with plugged_in_update(llm.model, prepared.plan, update) as plugged:
+        yield plugged
 
 
 def run_server(run: ServerRun) -> dict[str, Any]:
