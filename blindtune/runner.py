@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import RunConfig
+from blindtune.config import RunConfig, run_config_from_dict
 from blindtune.data import load_task
 from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_partitions
 from blindtune.federation.engine import run_federation
@@ -38,7 +38,8 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
     if resume:
         if not config_file.is_file():
             raise RunFailedError(f"nothing to resume in {out_dir}: no config.json")
-        if json.loads(config_file.read_text()) != config.to_dict():
+        # Read back through the config classes: a field added since (with its default) is no difference.
+        if run_config_from_dict(json.loads(config_file.read_text())).to_dict() != config.to_dict():
             raise RunFailedError(f"{config_file} differs from the given config: resume needs the same settings")
     config_file.write_text(json.dumps(config.to_dict(), indent=2))
     started = time.perf_counter()
