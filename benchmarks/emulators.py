@@ -23,11 +23,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from blindtune.cli import packaged_config
 from blindtune.config import EvalConfig, load_run_config
@@ -104,12 +103,14 @@ def measure(config_path: Path, tasks: list[str], limit: int, jitters: list[float
             seed=config.seed,
             progress=False,
         )
-        prepare_seconds = time.perf_counter() - started
-        row: dict[str, Any] = {"variant": variant.name, "prepare_seconds": prepare_seconds}
-        row["from_cache"] = prepared.from_cache
+        row: dict[str, Any] = {
+            "variant": variant.name,
+            "prepare_seconds": time.perf_counter() - started,
+            "from_cache": prepared.from_cache,
+        }
         row.update(perplexities(llm.model, emulator, llm.tokenizer, texts.heldout))
         if variant.elevation is not None:
-            row["expected_ppl_ratio"] = float(torch.tensor(variant.elevation.margin).exp())
+            row["expected_ppl_ratio"] = math.exp(variant.elevation.margin)
         row["tasks"] = {}
         for name, evaluate in evaluators.items():
             accuracy = evaluate(emulator, llm.tokenizer, variant.name)
