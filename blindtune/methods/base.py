@@ -76,6 +76,11 @@ class BaselineInputs:
 
 
 class Method(Protocol):
+    """A federated adaptation method. Optional attributes, read with defaults: `task_kinds` (the task
+    kinds it runs), `result_name` (what its "plug-in" row is), and `plugged_llm(config, llm, state)`, a
+    context manager giving the LLM with a final adapter plugged in, for methods whose adapter does not
+    fit the LLM as is (the audits use it)."""
+
     name: str
     config_class: type[Any]
 
