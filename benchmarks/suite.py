@@ -59,6 +59,7 @@ class Budget:
     throughput: dict[str, int]
     scale: dict[str, list[int]]
     notes: list[str] = field(default_factory=list)
+    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # merged into every run of a task
 
 
 BUDGETS = {
@@ -75,9 +76,10 @@ BUDGETS = {
             "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy compressed as its acceptance "
             "config's but distilled in 30 steps; FedMKT 16 public examples, 4 + 3 distillation steps; FedCoT 8 "
             "privatised prompts per client (epsilon 50 per private token, adaptive), 24-token rationales, the "
-            "only method on GSM8K (answers of at most 128 generated tokens); baselines for offsite only; PubMedQA "
-            "only in the full budget.",
+            "only method on GSM8K (50 test questions, answers of at most 128 generated tokens); baselines for "
+            "offsite only; PubMedQA only in the full budget.",
         ],
+        task_overrides={"gsm8k": {"eval": {"limit": 50}}},  # greedy decoding of 3 x 100 answers: half the suite
     ),
     "full": Budget(
         name="full",
@@ -225,6 +227,8 @@ def run_utility(
 ) -> dict[str, Any]:
     """Every (task, method, seed) run; `jobs` > 1 runs that many at once, each in its own process (on a
     small CPU machine two single-threaded runs use the cores better than one run with two threads)."""
+    from blindtune.config import merge
+
     tasks_info: dict[str, dict[str, Any]] = {}
     planned = []
     for task in tasks:
@@ -235,10 +239,12 @@ def run_utility(
             baselines = budget.baselines == "all" or method == REFERENCE_METHOD
             for seed in budget.seeds:
                 run_dir = out / "runs" / task / method / f"seed{seed}"
-                planned.append((budget.name, task, method, seed, baselines, run_dir, fresh, progress, overrides))
+                run_overrides = merge(budget.task_overrides.get(task, {}), overrides or {})
+                planned.append((budget.name, task, method, seed, baselines, run_dir, fresh, progress, run_overrides))
 
-    # The runs with baselines are the longest: start them first so parallel workers finish together.
-    planned.sort(key=lambda arguments: not arguments[4])
+    # The runs with baselines and those that decode answers are the longest: start them first so parallel
+    # workers finish together.
+    planned.sort(key=lambda arguments: not (arguments[4] or tasks_info[arguments[1]]["kind"] == "generation"))
 
     def reported(entry: dict[str, Any]) -> dict[str, Any]:
         print(
@@ -576,9 +582,14 @@ def merge_utility(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[
     key = lambda entry: (entry["task"], entry["method"], entry["seed"])  # noqa: E731
     rerun = {key(entry) for entry in new["runs"]}
     kept = [e for e in previous["runs"] if key(e) not in rerun]
+    tasks = {**previous["tasks"], **new["tasks"]}
+    # A subset rerun (--methods) must not hide the task's other methods from the page.
+    for task, info in new["tasks"].items():
+        earlier = previous["tasks"].get(task, {}).get("methods", [])
+        tasks[task] = {**info, "methods": [*earlier, *(m for m in info.get("methods", []) if m not in earlier)]}
     return {
         **new,
-        "tasks": {**previous["tasks"], **new["tasks"]},
+        "tasks": tasks,
         "runs": kept + new["runs"],
         "wall_seconds": new.get("wall_seconds", 0.0) + sum(e.get("wall_seconds", 0.0) for e in kept),
     }

@@ -167,6 +167,12 @@ def test_merge_utility_replaces_rerun_entries() -> None:
     assert set(merged["tasks"]) == {"a", "b"} and merged["runs"] == new["runs"]
 
 
+def test_merge_utility_keeps_the_methods_of_a_task_rerun_for_one_method() -> None:
+    old = {"tasks": {"a": {"methods": ["m", "n"]}}, "runs": []}
+    new = {"tasks": {"a": {"methods": ["n", "o"]}}, "runs": []}
+    assert merge_utility(old, new)["tasks"]["a"]["methods"] == ["m", "n", "o"]
+
+
 def test_merge_utility_adds_the_wall_time_of_kept_runs() -> None:
     old = {"tasks": {"a": {}}, "runs": [{"task": "a", "method": "m", "seed": 0, "wall_seconds": 30.0}]}
     new = {

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example, TaskData, TaskKind
 from blindtune.eval.scoring import evaluate_choices, evaluate_generation
+from blindtune.models.loading import cache_dir, model_fingerprint
+
+_CACHE_VERSION = 1  # bump when scoring changes what a cached accuracy means
 
 
 def evaluate_examples(
@@ -52,7 +58,35 @@ class TaskEvaluator:
     max_new_tokens: int = 256
     progress: bool = True
 
-    def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
+    def __call__(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str, *, reuse: bool = False
+    ) -> float:
+        """`reuse`: read the accuracy from the cache when this model (by weights), tokenizer, examples and
+        scoring settings were scored before, and store it otherwise. Meant for the full LLM, which every
+        method scores identically on a task; a trained model never repeats, so caching it only costs."""
+        if not reuse:
+            return self._score(model, tokenizer, desc)
+        path = self._cache_path(model, tokenizer)
+        if path.is_file():
+            return float(json.loads(path.read_text())["accuracy"])
+        accuracy = self._score(model, tokenizer, desc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.partial")
+        temporary.write_text(json.dumps({"accuracy": accuracy, "task": self.task.name}))
+        temporary.replace(path)  # atomic: parallel runs of the same task never read half a file
+        return accuracy
+
+    def _cache_path(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Path:
+        digest = hashlib.sha256()
+        settings = [_CACHE_VERSION, self.task.kind.value, self.batch_size, self.length_normalized, self.max_new_tokens]
+        digest.update(json.dumps(settings).encode())
+        digest.update(json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())]).encode())
+        digest.update(json.dumps([tokenizer.chat_template, tokenizer.padding_side]).encode())
+        digest.update(json.dumps([asdict(e) for e in self.task.test[: self.limit]]).encode())
+        digest.update(model_fingerprint(model).encode())
+        return cache_dir() / "scores" / f"{digest.hexdigest()[:24]}.json"
+
+    def _score(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
         return evaluate_examples(
             model,
             tokenizer,

@@ -56,8 +56,8 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from blindtune.encoding import pad_right
-from blindtune.models.distill import TextBatches, model_fingerprint, optimise_parameters
-from blindtune.models.loading import cache_dir
+from blindtune.models.distill import TextBatches, optimise_parameters
+from blindtune.models.loading import cache_dir, model_fingerprint
 from blindtune.models.surgery import decoder_layers, split_canonical_name
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from blindtune.data import Example
 from blindtune.encoding import collate_pairs, continuation_loss, encode_pair, pad_right
 from blindtune.eval.scoring import perplexity
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
-from blindtune.models.loading import cache_dir
+from blindtune.models.loading import cache_dir, model_fingerprint
 from blindtune.models.soft_prompt import run_with_prompt
 from blindtune.models.surgery import LayerPlan, canonical_name, decoder_layers
 
@@ -594,16 +594,6 @@ def _cache_path(
     digest.update("\n".join(texts).encode())
     digest.update(model_fingerprint(llm).encode())
     return cache_dir() / "emulators" / f"{digest.hexdigest()[:24]}.safetensors"
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's weights: shapes, sums and a few values of every tensor."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().float().flatten()
-            digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.6e}{flat[:8].tolist()}".encode())
-    return digest.hexdigest()
 
 
 def _save_middle(pair: EmulatorPair, path: Path) -> None:

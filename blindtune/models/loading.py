@@ -7,6 +7,7 @@ safetensors copy in the user cache directory, so every later load takes a fracti
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -46,6 +48,16 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "blindtune"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: shapes, sums and a few values of every tensor."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().float().flatten()
+            digest.update(f"{name}{tuple(tensor.shape)}{flat.sum().item():.6e}{flat[:8].tolist()}".encode())
+    return digest.hexdigest()
 
 
 def embedded_gguf_path() -> Path:

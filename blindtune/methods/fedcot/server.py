@@ -173,8 +173,9 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     task = load_task(config.task, config.data_dir, seed=config.seed)
     slm = build_slm(llm, config, run.progress)
     evaluate_label = config.eval.evaluator(label_task(task, method), run.progress)
+    evaluate_task = config.eval.evaluator(task, run.progress)
     metrics = {
-        "llm_zero_shot": config.eval.evaluator(task, run.progress)(llm.model, llm.tokenizer, "LLM zero-shot"),
+        "llm_zero_shot": evaluate_task(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
         "emulator_zero_shot": evaluate_label(slm.model, slm.tokenizer, "SLM zero-shot"),
     }
     initial = untrained_adapter_state(copy.deepcopy(slm.model), every_layer(slm.model), method.adapter, config.seed)

@@ -171,7 +171,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     public = public_examples(config)
     llm_encoded = encode_public(llm.tokenizer, public, method.max_length)
     pad_id = int(llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else llm.tokenizer.eos_token_id)
-    metrics: dict[str, float] = {"llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot")}
+    metrics: dict[str, float] = {"llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True)}
 
     views = set_up_clients(run, llm, public)
     metrics["emulator_zero_shot"] = float(np.mean([view.slm_before for view in views.values()]))

@@ -115,7 +115,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     heldout = public_texts(method.public_text, config.task, config.seed).heldout
     report = proxy_report(llm, prepared, heldout, method.ppl_max_length)
     metrics = {
-        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot"),
+        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
         "emulator_zero_shot": evaluate(proxy.model, llm.tokenizer, "proxy zero-shot"),
     }
     report["zero_shot"] = metrics["emulator_zero_shot"]

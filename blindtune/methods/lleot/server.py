@@ -90,7 +90,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     prepared, heldout = elevated_emulator(llm, plan, method, config.task, config.seed, run.progress)
     emulator = LoadedModel(prepared.model, llm.tokenizer, "emulator")
     metrics = {
-        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot"),
+        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
         "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
     }
     zero_shot = {config.task: (metrics["llm_zero_shot"], metrics["emulator_zero_shot"])}

@@ -70,7 +70,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     plan, emulator = handed_out_emulator(llm, config, run.progress)
     texts = public_texts(method.public_text, config.task, config.seed) if method.privacy else None
     metrics = {
-        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot"),
+        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
         "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
     }
     layer_map = adapter_layer_map(plan)

@@ -1,0 +1,39 @@
+"""The evaluator's score cache: a hit only for the same weights, tokenizer, examples and settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blindtune.data import Example, TaskData, TaskKind
+from blindtune.eval.tasks import TaskEvaluator
+from blindtune.models import tiny_model
+
+EXAMPLES = [Example(f"Q{i}:", " a", (" a", " b"), 0) for i in range(4)]
+TASK = TaskData("toy", TaskKind.MULTIPLE_CHOICE, EXAMPLES, [], EXAMPLES)
+
+
+def test_reuse_scores_once_per_model_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = tiny_model(num_layers=2, hidden_size=16)  # before moving the cache: its tokenizer is cached there
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path))
+    evaluator = TaskEvaluator(TASK, limit=None, batch_size=2, progress=False)
+    scored: list[str] = []
+    original = TaskEvaluator._score
+
+    def counting(self: TaskEvaluator, *args: object) -> float:
+        scored.append(self.task.name)
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TaskEvaluator, "_score", counting)
+    first = evaluator(loaded.model, loaded.tokenizer, "llm", reuse=True)
+    assert evaluator(loaded.model, loaded.tokenizer, "llm", reuse=True) == first and len(scored) == 1
+    assert len(list((tmp_path / "scores").glob("*.json"))) == 1
+
+    TaskEvaluator(TASK, limit=2, batch_size=2, progress=False)(loaded.model, loaded.tokenizer, "llm", reuse=True)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    evaluator(loaded.model, loaded.tokenizer, "llm", reuse=True)
+    evaluator(loaded.model, loaded.tokenizer, "llm")  # without reuse: scored, not stored
+    assert len(scored) == 4 and len(list((tmp_path / "scores").glob("*.json"))) == 3
