@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -214,6 +215,13 @@ def _init_worker(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def committed_run_seconds(budget: str) -> dict[tuple[str, str], float]:
+    """(task, method) -> wall seconds its seed-0 run took in the committed results of `budget` (if any)."""
+    file = RESULTS_DIR / budget / "suite.json"
+    runs = json.loads(file.read_text()).get("utility", {}).get("runs", []) if file.is_file() else []
+    return {(e["task"], e["method"]): e["wall_seconds"] for e in runs if e.get("seed") == 0 and "wall_seconds" in e}
+
+
 def run_utility(
     budget: Budget,
     methods: Sequence[str],
@@ -242,9 +250,10 @@ def run_utility(
                 run_overrides = merge(budget.task_overrides.get(task, {}), overrides or {})
                 planned.append((budget.name, task, method, seed, baselines, run_dir, fresh, progress, run_overrides))
 
-    # The runs with baselines and those that decode answers are the longest: start them first so parallel
-    # workers finish together.
-    planned.sort(key=lambda arguments: not (arguments[4] or tasks_info[arguments[1]]["kind"] == "generation"))
+    durations = committed_run_seconds(budget.name)
+    # Longest first (by the committed results of this budget; runs never measured before any), so that
+    # parallel workers finish together instead of one core idling through the last long run.
+    planned.sort(key=lambda arguments: -durations.get((arguments[1], arguments[2]), math.inf))
 
     def reported(entry: dict[str, Any]) -> dict[str, Any]:
         print(

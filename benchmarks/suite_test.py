@@ -15,6 +15,7 @@ from benchmarks.suite import (
     CONFIG_DIR,
     GENERATION_TASKS_NOTE,
     base_config,
+    committed_run_seconds,
     merge_utility,
     method_result_name,
     method_task_kinds,
@@ -182,6 +183,19 @@ def test_merge_utility_adds_the_wall_time_of_kept_runs() -> None:
     }
     merged = merge_utility(old, new)
     assert len(merged["runs"]) == 2 and merged["wall_seconds"] == pytest.approx(50.0)
+
+
+def test_committed_run_seconds_reads_seed_0_of_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("benchmarks.suite.RESULTS_DIR", tmp_path)
+    assert committed_run_seconds("quick") == {}
+    (tmp_path / "quick").mkdir()
+    runs = [
+        {"task": "a", "method": "m", "seed": 0, "wall_seconds": 5.0},
+        {"task": "a", "method": "m", "seed": 1, "wall_seconds": 9.0},
+        {"task": "b", "method": "m", "seed": 0, "status": "failed"},
+    ]
+    (tmp_path / "quick" / "suite.json").write_text(json.dumps({"utility": {"runs": runs}}))
+    assert committed_run_seconds("quick") == {("a", "m"): 5.0}
 
 
 def test_slope_and_overhead() -> None:
