@@ -72,15 +72,15 @@ BUDGETS = {
         throughput={"steps": 2, "repeats": 8},
         scale={"clients": [2, 8, 32, 100], "simulation_clients": [8]},
         notes=[
-            "1 seed; 3 clients x 2 rounds x 6 steps x 8 examples; 100 test examples per task; in-process engine "
+            "1 seed; 3 clients x 2 rounds x 4 steps x 8 examples; 50 test examples per task; in-process engine "
             "(same apps and records as Flower's simulation engine, without Ray's start-up); LLEOT's emulator "
             "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy compressed as its acceptance "
             "config's but distilled in 30 steps; FedMKT 16 public examples, 4 + 3 distillation steps; FedCoT 8 "
             "privatised prompts per client (epsilon 50 per private token, adaptive), 24-token rationales, the "
-            "only method on GSM8K (50 test questions, answers of at most 128 generated tokens); baselines for "
+            "only method on GSM8K (30 test questions, answers of at most 128 generated tokens); baselines for "
             "offsite only; PubMedQA only in the full budget.",
         ],
-        task_overrides={"gsm8k": {"eval": {"limit": 50}}},  # greedy decoding of 3 x 100 answers: half the suite
+        task_overrides={"gsm8k": {"eval": {"limit": 30}}},  # greedy decoding of 3 x 50 answers took 4 of its 10 min
     ),
     "full": Budget(
         name="full",
