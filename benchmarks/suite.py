@@ -288,10 +288,14 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def load_runs(utility: dict[str, Any]) -> list[dict[str, Any]]:
+def load_runs(utility: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Each run's results.json: in its recorded directory, else where it sits under `out` (a suite
+    directory that was copied or committed elsewhere)."""
     runs = []
     for entry in utility["runs"]:
         file = Path(entry["dir"]) / "results.json"
+        if not file.is_file():
+            file = out / "runs" / entry["task"] / entry["method"] / f"seed{entry['seed']}" / "results.json"
         if entry["status"] != "failed" and file.is_file():
             run = json.loads(file.read_text())
             run["_entry"] = entry
@@ -481,7 +485,7 @@ def write_page(suite: dict[str, Any], out: Path) -> Path:
         *[f"- {note}" for note in suite.get("notes", [])],
     ]
     utility = suite.get("utility")
-    runs = load_runs(utility) if utility else []
+    runs = load_runs(utility, out) if utility else []
     if utility:
         lines += [
             "",
@@ -712,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite["utility"] = merge_utility(previous.get("utility"), new)
         save()
     if "utility" in suite:
-        runs = load_runs(suite["utility"])
+        runs = load_runs(suite["utility"], out)
         suite["summary"] = summary_rows(suite["utility"], runs)
         if runs and "full_model_bytes" not in suite:
             suite["full_model_bytes"] = full_model_bytes(runs[0]["model"])

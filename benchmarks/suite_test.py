@@ -84,7 +84,11 @@ def test_summary_has_a_row_per_setting_and_the_page_is_written(tmp_path: Path) -
     utility = write_runs(tmp_path, runs)
     from benchmarks.suite import load_runs
 
-    rows = summary_rows(utility, load_runs(utility))
+    rows = summary_rows(utility, load_runs(utility, tmp_path))
+    moved = tmp_path / "committed"
+    moved.mkdir()
+    (tmp_path / "runs").rename(moved / "runs")
+    assert summary_rows(utility, load_runs(utility, moved)) == rows  # found under the copy, not at "dir"
     settings = {row["setting"]: row for row in rows if row["task"] == "piqa"}
     assert settings["LLM zero-shot"]["seeds"] == 2
     assert settings["offsite: plug-in"]["mean"] == pytest.approx(0.61)
@@ -137,11 +141,11 @@ def test_summary_has_a_row_per_setting_and_the_page_is_written(tmp_path: Path) -
         "full_model_bytes": 540_000_000,
         "scale": scale,
     }
-    page = write_page(suite, tmp_path).read_text()
+    page = write_page(suite, moved).read_text()
     assert "| piqa | offsite: plug-in | 61.0% ± 1.4 | 2 | 288 |" in page
     assert "## Communication" in page and "## Scale" in page and "## Federation overhead per round" in page
-    assert (tmp_path / "utility_vs_privacy.png").is_file() and (tmp_path / "scale.png").is_file()
-    assert (tmp_path / "runs" / "report.md").is_file()
+    assert (moved / "utility_vs_privacy.png").is_file() and (moved / "scale.png").is_file()
+    assert (moved / "runs" / "report.md").is_file()
 
 
 def test_base_config_per_method() -> None:
