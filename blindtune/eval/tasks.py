@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example, TaskData, TaskKind
 from blindtune.eval.scoring import evaluate_choices, evaluate_generation
-from blindtune.models.loading import cache_dir, model_fingerprint
+from blindtune.models.loading import cache_dir, model_fingerprint, written_atomically
 
 _CACHE_VERSION = 1  # bump when scoring changes what a cached accuracy means
 
@@ -70,10 +70,8 @@ class TaskEvaluator:
         if path.is_file():
             return float(json.loads(path.read_text())["accuracy"])
         accuracy = self._score(model, tokenizer, desc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
-        temporary.write_text(json.dumps({"accuracy": accuracy, "task": self.task.name}))
-        temporary.replace(path)  # atomic: parallel runs of the same task never read half a file
+        with written_atomically(path) as temporary:  # parallel runs of a task may score the LLM at once
+            temporary.write_text(json.dumps({"accuracy": accuracy, "task": self.task.name}))
         return accuracy
 
     def _cache_path(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Path:

@@ -57,7 +57,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from blindtune.encoding import pad_right
 from blindtune.models.distill import TextBatches, optimise_parameters
-from blindtune.models.loading import cache_dir, model_fingerprint
+from blindtune.models.loading import cache_dir, model_fingerprint, written_atomically
 from blindtune.models.surgery import decoder_layers, split_canonical_name
 
 log = logging.getLogger(__name__)
@@ -589,10 +589,10 @@ def _cache_path(llm: nn.Module, texts: Sequence[str], config: CompressionConfig,
 
 
 def _save_layers(proxy: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    save_file({n: t.detach().cpu().contiguous() for n, t in decoder_layers(proxy).state_dict().items()}, str(temporary))
-    temporary.replace(path)
+    with written_atomically(path) as temporary:
+        save_file(
+            {n: t.detach().cpu().contiguous() for n, t in decoder_layers(proxy).state_dict().items()}, str(temporary)
+        )
 
 
 def _load_layers(proxy: nn.Module, path: Path) -> None:

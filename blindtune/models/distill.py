@@ -52,7 +52,7 @@ from blindtune.data import Example
 from blindtune.encoding import collate_pairs, continuation_loss, encode_pair, pad_right
 from blindtune.eval.scoring import perplexity
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
-from blindtune.models.loading import cache_dir, model_fingerprint
+from blindtune.models.loading import cache_dir, model_fingerprint, written_atomically
 from blindtune.models.soft_prompt import run_with_prompt
 from blindtune.models.surgery import LayerPlan, canonical_name, decoder_layers
 
@@ -597,10 +597,8 @@ def _cache_path(
 
 
 def _save_middle(pair: EmulatorPair, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    save_file({n: p.detach().cpu().contiguous() for n, p in _named_middle(pair).items()}, str(temporary))
-    temporary.replace(path)
+    with written_atomically(path) as temporary:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _named_middle(pair).items()}, str(temporary))
 
 
 def _load_middle(pair: EmulatorPair, path: Path) -> None:

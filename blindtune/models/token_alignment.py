@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from blindtune.models.loading import cache_dir
+from blindtune.models.loading import cache_dir, written_atomically
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,8 @@ def build_vocab_map(
     built = VocabMap(target_of, distance, time.perf_counter() - started)
     log.info("MinED vocabulary map %s -> %s built in %.1f s", source_key, target_key, built.build_seconds)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{time.time_ns()}.tmp.npz")
-        np.savez(staging, target_of=target_of, distance=distance)
-        staging.replace(path)
+        with written_atomically(path) as staging:
+            np.savez(staging, target_of=target_of, distance=distance)
     return built
 
 
