@@ -24,6 +24,17 @@ on public text, so the PPL ratio stays e^H), and H above becomes the text's mean
 depends on the token, not on the context or the adapter, so adapter gradients are still the LLM's,
 while answers are re-ranked by their tokens' z.
 
+Elevated teacher (ours, teacher_weight > 0): the margin objective is one number per text, a weak signal
+that 100 steps leave far from exact. An exact per-token margin is itself a distribution: with A a
+secret set of absorbing tokens that public text never uses,
+
+    p_teacher(y | ctx) = p_LLM(y | ctx) e^(-H_y)   for y outside A,   A takes the rest of the mass,
+
+so -log p_teacher(y) = -log p_LLM(y) + H_y for every context and every adapter. The emulator learns it
+token by token on the full vocabulary: the KL divergence of its distribution renormalised outside A from
+the teacher's, plus the squared error of its log-mass outside A. Most of the emulator's probability goes
+to absorbing tokens, so what it generates is junk, while its loss on real text tracks the LLM's.
+
 Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
 task's prompts, or a text file): never client data.
 """
@@ -118,6 +129,10 @@ class ElevationConfig:
     margin_jitter: J, how far each token's margin departs from H: token y's target margin is
         H + J * z(y), z a fixed, secret (seeded) score of the vocabulary with mean 0 and standard
         deviation 1 on the public text (0: the same margin H for every token, as in the paper).
+    margin_weight: weight of the paper's objective E |L_emu - L_LLM - H|.
+    teacher_weight: weight of the token-level elevated-teacher loss (0: the paper's objective alone).
+    absorbing_tokens: size of the teacher's secret absorbing set, drawn (seeded) from vocabulary
+        entries the public text never uses.
     """
 
     margin: float = 4.0
@@ -128,10 +143,17 @@ class ElevationConfig:
     proxy: ProxyPrompts = field(default_factory=ProxyPrompts)
     adapter_weight_noise: float = 0.01
     margin_jitter: float = 0.0
+    margin_weight: float = 1.0
+    teacher_weight: float = 0.0
+    absorbing_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
             raise ValueError(f"invalid elevation settings: {self}")
+        if self.margin_weight < 0 or self.teacher_weight < 0 or self.margin_weight + self.teacher_weight == 0:
+            raise ValueError(f"margin_weight and teacher_weight must be >= 0, one of them > 0: {self}")
+        if self.teacher_weight > 0 and (self.absorbing_tokens < 1 or self.margin <= 0):
+            raise ValueError(f"the elevated teacher needs absorbing_tokens >= 1 and margin > 0: {self}")
         if self.adapter_weight_noise < 0 or self.margin_jitter < 0:
             raise ValueError(f"adapter_weight_noise and margin_jitter must be >= 0: {self}")
         if self.margin_jitter > 0 and 2 * self.margin_jitter >= self.margin:  # z is clipped to [-2, 2]
@@ -211,6 +233,7 @@ class _Pass:
     middle: Tensor  # (batch, length, hidden): the middle block's output at the text positions
     token_nll: Tensor  # (batch, length - 1): next-token losses, zero after each text's end
     weights: Tensor  # (batch, length - 1): 1 where a real token is predicted
+    logits: Tensor  # (batch, length - 1, vocabulary), float32
 
     @property
     def nll(self) -> Tensor:
@@ -237,7 +260,7 @@ def _run(model: nn.Module, middle_layer: nn.Module, prompt: Tensor | None, ids: 
     logits = causal.get_output_embeddings()(hidden[:, :-1]).float()
     token_nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     weights = mask[:, 1:].to(token_nll.dtype)
-    return _Pass(middle=captured[-1][:, prompt_length:], token_nll=token_nll * weights, weights=weights)
+    return _Pass(middle=captured[-1][:, prompt_length:], token_nll=token_nll * weights, weights=weights, logits=logits)
 
 
 def hidden_distance(reference: Tensor, other: Tensor, mask: Tensor) -> Tensor:
@@ -341,24 +364,82 @@ def elevate_emulator(
 ) -> list[dict[str, float]]:
     """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H (with the margin jitter,
     the text's mean token margin); per-step losses and margins."""
-    vocabulary = pair.llm.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
-    token_margins = torch.full((vocabulary,), float(config.margin))
-    if config.margin_jitter > 0:
-        token_margins += config.margin_jitter * margin_scores(pair.llm, tokenizer, texts, seed)
+    teacher = elevated_teacher(pair.llm, tokenizer, texts, config, seed)
 
     def objective(
         pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
     ) -> tuple[float, dict[str, float]]:
-        return _elevation_loss(pair, ids, mask, config, generator, token_margins)
+        return _elevation_loss(pair, ids, mask, config, generator, teacher)
 
     return _optimise(pair, tokenizer, texts, config, objective, seed, progress, "elevate emulator")
 
 
-def margin_scores(
-    llm: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seed: int, max_texts: int = 2000
+@dataclass
+class ElevatedTeacher:
+    """The distribution an exact per-token margin describes (see the module docstring)."""
+
+    token_margins: Tensor  # (vocabulary,): H_y
+    absorbing: Tensor  # (vocabulary,) bool: the secret absorbing set A
+
+    def loss(self, reference_logits: Tensor, emulator_logits: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """(KL of the emulator outside A from the teacher, mass error), each averaged over the predicted
+        tokens (weights 1). The mass error is the squared error of the log-mass outside A plus that of
+        the log-mass inside A: the first is what sets the margin, but it is flat while A holds almost
+        nothing, where the second moves mass into A."""
+        kept = ~self.absorbing.to(reference_logits.device)
+        margins = self.token_margins.to(reference_logits.device)[kept]
+        target = reference_logits.log_softmax(dim=-1)[..., kept] - margins
+        target_kept = target.logsumexp(dim=-1, keepdim=True)
+        emulated_all = emulator_logits.log_softmax(dim=-1)
+        emulated = emulated_all[..., kept]
+        emulated_kept = emulated.logsumexp(dim=-1, keepdim=True)
+        target, emulated = target - target_kept, emulated - emulated_kept  # renormalised outside A
+        divergence = (target.exp() * (target - emulated)).sum(dim=-1)
+        target_absorbed = torch.log(-torch.expm1(target_kept))  # log(1 - mass outside A), margins > 0
+        emulated_absorbed = emulated_all[..., ~kept].logsumexp(dim=-1, keepdim=True)
+        mass_error = ((emulated_kept - target_kept).pow(2) + (emulated_absorbed - target_absorbed).pow(2)).squeeze(-1)
+        total = weights.sum().clamp(min=1.0)
+        return (divergence * weights).sum() / total, (mass_error * weights).sum() / total
+
+
+def elevated_teacher(
+    llm: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], config: ElevationConfig, seed: int
+) -> ElevatedTeacher:
+    """Token margins H + J z(y) and the absorbing set, both fixed by `seed` and the public text."""
+    vocabulary = llm.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
+    counts = public_token_counts(tokenizer, texts, vocabulary)
+    token_margins = torch.full((vocabulary,), float(config.margin))
+    if config.margin_jitter > 0:
+        token_margins += config.margin_jitter * margin_scores(llm, counts, seed)
+    absorbing = torch.zeros(vocabulary, dtype=torch.bool)
+    if config.teacher_weight > 0:
+        unused = counts == 0
+        unused[[i for i in tokenizer.all_special_ids if i < vocabulary]] = False
+        candidates = unused.nonzero().flatten()
+        if len(candidates) < config.absorbing_tokens:
+            raise ValueError(
+                f"only {len(candidates)} vocabulary entries are unused by the public text; "
+                f"absorbing_tokens={config.absorbing_tokens} needs more"
+            )
+        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+        absorbing[candidates[order[: config.absorbing_tokens]]] = True
+    return ElevatedTeacher(token_margins=token_margins, absorbing=absorbing)
+
+
+def public_token_counts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], vocabulary: int, max_texts: int = 2000
 ) -> Tensor:
+    """(vocabulary,) how often each entry occurs in the first `max_texts` public texts."""
+    counts = torch.zeros(vocabulary)
+    for text in texts[:max_texts]:
+        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        counts += torch.bincount(ids[ids < vocabulary], minlength=vocabulary).float()
+    return counts
+
+
+def margin_scores(llm: nn.Module, counts: Tensor, seed: int) -> Tensor:
     """z(y) of the margin jitter: each vocabulary entry's output embedding projected on a seeded random
-    direction u, standardised by the token frequencies of the public text and clipped to [-2, 2].
+    direction u, standardised by the token frequencies `counts` of the public text and clipped to [-2, 2].
 
     A shift of the emulator's final hidden state along u moves every token's logit by W_y . u, so
     this per-token margin is reachable by the middle layers without looking at the context, and
@@ -367,10 +448,6 @@ def margin_scores(
     generator = torch.Generator().manual_seed(seed)
     direction = torch.randn(head.shape[1], generator=generator)
     scores = head @ (direction / direction.norm())
-    counts = torch.zeros(head.shape[0])
-    for text in texts[:max_texts]:
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        counts += torch.bincount(ids[ids < head.shape[0]], minlength=head.shape[0]).float()
     frequency = counts / counts.sum().clamp(min=1.0)
     mean = (frequency * scores).sum()
     std = (frequency * (scores - mean).pow(2)).sum().sqrt().clamp(min=1e-6)
@@ -404,23 +481,36 @@ def _elevation_loss(
     mask: Tensor,
     config: Any,
     generator: torch.Generator,
-    token_margins: Tensor,
+    teacher: ElevatedTeacher,
 ) -> tuple[float, dict[str, float]]:
-    """The elevation loss of one batch, back-propagated; (loss, mean deviation and margin)."""
-    deviations, margins = [], []
+    """The elevation loss of one batch, back-propagated; (loss, its parts and the mean margin)."""
+    deviations, margins, divergences, mass_errors = [], [], [], []
     # Backward runs inside: autograd needs the perturbed adapter weights the forward pass saw.
     with _PerturbedAdapters(pair, config.adapter_weight_noise, generator):
         for prompted, part_ids, part_mask in _split(ids, mask, config.proxy.length > 0):
             prompt = proxy_prompts(pair.llm, part_ids.shape[0], config.proxy, generator) if prompted else None
             reference, emulated = pair.passes(prompt, part_ids, part_mask)
             margin = emulated.nll - reference.nll
-            targets = token_margins.to(margin.device)[part_ids[:, 1:]] * reference.weights
+            targets = teacher.token_margins.to(margin.device)[part_ids[:, 1:]] * reference.weights
             target = targets.sum(dim=1) / reference.weights.sum(dim=1).clamp(min=1.0)
             deviations.append((margin - target).abs())
             margins.append(margin.detach())
-        loss = torch.cat(deviations).mean()
+            if config.teacher_weight > 0:
+                divergence, mass_error = teacher.loss(reference.logits, emulated.logits, reference.weights)
+                divergences.append(divergence)
+                mass_errors.append(mass_error)
+        deviation = torch.cat(deviations).mean()
+        parts = {"deviation": deviation}
+        loss = config.margin_weight * deviation
+        if divergences:
+            parts["teacher_divergence"] = torch.stack(divergences).mean()
+            parts["teacher_mass_error"] = torch.stack(mass_errors).mean()
+            loss = loss + config.teacher_weight * (parts["teacher_divergence"] + parts["teacher_mass_error"])
         _backward(loss)
-    return loss.item(), {"deviation": loss.item(), "margin": torch.cat(margins).mean().item()}
+    return loss.item(), {
+        **{name: value.item() for name, value in parts.items()},
+        "margin": torch.cat(margins).mean().item(),
+    }
 
 
 def _backward(loss: Tensor) -> None:

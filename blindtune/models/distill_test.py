@@ -1,5 +1,6 @@
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,11 +21,13 @@ from blindtune.models.distill import (
     cpl,
     distill_emulator,
     elevate_emulator,
+    elevated_teacher,
     hidden_distance,
     margin_scores,
     perplexities,
     prepare_emulator,
     public_texts,
+    public_token_counts,
 )
 from blindtune.models.surgery import build_emulator, plan_layers
 
@@ -98,13 +101,15 @@ def test_elevation_drives_the_measured_margin_toward_h(texts):
 
 
 def test_margin_jitter_scores_are_standardised_on_public_text_and_secret(tiny, texts):
-    scores = margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=0)
+    vocabulary = tiny.model.get_output_embeddings().weight.shape[0]
+    counts = public_token_counts(tiny.tokenizer, texts.train[:300], vocabulary)
+    scores = margin_scores(tiny.model, counts, seed=0)
     assert scores.shape == (tiny.model.get_output_embeddings().weight.shape[0],)
     assert scores.min() >= -2.0 and scores.max() <= 2.0
     ids = torch.cat([torch.tensor(tiny.tokenizer(t)["input_ids"]) for t in texts.train[:300]])
     assert abs(scores[ids].mean().item()) < 0.1 and 0.8 < scores[ids].std().item() < 1.1  # on the public text
-    assert torch.equal(scores, margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=0))
-    assert not torch.equal(scores, margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=1))
+    assert torch.equal(scores, margin_scores(tiny.model, counts, seed=0))
+    assert not torch.equal(scores, margin_scores(tiny.model, counts, seed=1))
     with pytest.raises(ValueError, match="margin_jitter"):
         ElevationConfig(margin=4.0, margin_jitter=2.0)
 
@@ -112,13 +117,63 @@ def test_margin_jitter_scores_are_standardised_on_public_text_and_secret(tiny, t
 def test_elevation_targets_the_mean_margin_of_each_text_tokens(tiny, texts):
     pair = _pair(tiny.model, keep_every=1)  # emulator == LLM: every measured margin is 0
     config = ElevationConfig(margin=4.0, adapter_weight_noise=0.0, proxy=ProxyPrompts(length=0))
-    token_margins = 4.0 + 1.5 * margin_scores(tiny.model, tiny.tokenizer, texts.train[:300], seed=0)
+    teacher = elevated_teacher(tiny.model, tiny.tokenizer, texts.train[:300], replace(config, margin_jitter=1.5), 0)
+    token_margins = teacher.token_margins
     ids, mask = TextBatches(tiny.tokenizer, texts.train[:64], 16, seed=0).next(4)
-    loss, parts = _elevation_loss(pair, ids, mask, config, torch.Generator().manual_seed(0), token_margins)
+    loss, parts = _elevation_loss(pair, ids, mask, config, torch.Generator().manual_seed(0), teacher)
     predicted = mask[:, 1:].bool()
     expected = [token_margins[row[keep]].mean() for row, keep in zip(ids[:, 1:], predicted, strict=True)]
     assert parts["margin"] == pytest.approx(0.0, abs=1e-5)
     assert loss == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+
+
+def test_the_elevated_teacher_is_an_exact_per_token_margin(tiny, texts):
+    config = ElevationConfig(margin=4.0, margin_jitter=1.5, teacher_weight=1.0, absorbing_tokens=64)
+    teacher = elevated_teacher(tiny.model, tiny.tokenizer, texts.train[:300], config, seed=0)
+    vocabulary = teacher.token_margins.shape[0]
+    counts = public_token_counts(tiny.tokenizer, texts.train[:300], vocabulary)
+    assert teacher.absorbing.sum() == 64 and counts[teacher.absorbing].sum() == 0  # never in public text
+    assert torch.equal(
+        teacher.absorbing, elevated_teacher(tiny.model, tiny.tokenizer, texts.train[:300], config, 0).absorbing
+    )
+    assert not torch.equal(
+        teacher.absorbing, elevated_teacher(tiny.model, tiny.tokenizer, texts.train[:300], config, 1).absorbing
+    )
+
+    reference = torch.randn(2, 5, vocabulary) * 3
+    weights = torch.ones(2, 5)
+    kept = ~teacher.absorbing
+    # The teacher itself: p_LLM e^(-H_y) outside A, the rest of the mass spread over A.
+    outside = reference.log_softmax(-1)[..., kept] - teacher.token_margins[kept]
+    rest = (1 - outside.logsumexp(-1, keepdim=True).exp()).log() - math.log(64)
+    exact = torch.empty_like(reference)
+    exact[..., kept] = outside
+    exact[..., teacher.absorbing] = rest.expand(-1, -1, 64)
+    divergence, mass_error = teacher.loss(reference, exact, weights)
+    assert divergence.item() == pytest.approx(0.0, abs=1e-4) and mass_error.item() == pytest.approx(0.0, abs=1e-4)
+    token_margin = reference.log_softmax(-1) - exact.log_softmax(-1)  # -log p_emu(y) + log p_LLM(y)
+    assert torch.allclose(token_margin[..., kept], teacher.token_margins[kept].expand(2, 5, -1), atol=1e-3)
+    # An emulator identical to the LLM is off by about H in log-mass outside A.
+    divergence, mass_error = teacher.loss(reference, reference, weights)
+    assert divergence.item() > 0.01 and mass_error.item() > 4.0**2 / 2
+
+
+def test_elevation_by_the_teacher_drives_the_measured_margin_toward_h(texts):
+    wider = tiny_model(num_layers=6, hidden_size=64)
+    llm = wider.model
+    with torch.no_grad():  # sharper logits, so the middle layers can move mass between tokens
+        llm.model.norm.weight.mul_(8.0)
+    pair = _pair(llm, keep_every=2)
+    margin = 1.0
+    config = ElevationConfig(
+        margin=margin, steps=60, batch_size=4, max_length=16, learning_rate=1e-2, margin_weight=0.0, teacher_weight=1.0
+    )
+    before = perplexities(llm, pair.emulator, wider.tokenizer, texts.heldout[:40], max_length=16)
+    history = elevate_emulator(pair, wider.tokenizer, texts.train[:400], config, progress=False)
+    after = perplexities(llm, pair.emulator, wider.tokenizer, texts.heldout[:40], max_length=16)
+    assert abs(math.log(before["ppl_ratio"]) - margin) > 0.8
+    assert abs(math.log(after["ppl_ratio"]) - margin) < 0.3
+    assert history[-1]["teacher_mass_error"] < 0.01 * history[0]["teacher_mass_error"]
 
 
 def test_measurements_on_an_identical_emulator(tiny, texts):
