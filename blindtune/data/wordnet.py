@@ -6,6 +6,8 @@ a coarse category a human assigned, so "which category does this definition desc
 balanced multiple-choice task with single-token answers and zero download cost.
 
 One parser reads both `data.noun` and `data.verb`; two registrations pick different categories.
+A third task, `wordnet-definition`, asks which of four nouns a definition defines: small models are
+well above chance there (supersenses are hard for them), so capability measurements have room to fall.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ VERB_CATEGORIES = (
     "creation", "motion", "perception", "possession", "social",
 )  # fmt: skip
 
+DEFINITION_OPTIONS = 4  # the defined noun and three others
+DEFINITION_SPLIT_SIZES = (500, 200, 6000)  # test, validation, train
 TEST_PER_CATEGORY = 50
 VALIDATION_PER_CATEGORY = 20
 TRAIN_CAP = 6000  # split evenly: at most TRAIN_CAP // num_categories per category
@@ -227,3 +231,56 @@ def load_noun_supersense(data_dir: Path | None = None, seed: int = 0) -> TaskDat
 def load_verb_supersense(data_dir: Path | None = None, seed: int = 0) -> TaskData:
     """Which of 10 verb categories (motion, communication, ...) a WordNet definition describes."""
     return load_supersense("wordnet-verb-supersense", "verb", VERB_CATEGORIES, data_dir, seed)
+
+
+def definition_examples(synsets: Iterator[Synset], seed: int) -> list[Example]:
+    """ "Which word is defined?" examples, one per synset with a one-word lemma, in file order.
+
+    The gold option is the synset's first lemma made of letters only; the three distractors are drawn
+    (seeded) from the other synsets' gold words, never one of this synset's own lemmas. Definitions
+    shared by several synsets are dropped (no single right answer).
+    """
+    rng = random.Random(seed)
+    words_by_text: dict[str, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
+    for synset in synsets:
+        word = next((w for w in synset.words if w.isalpha() and w.isascii()), None)
+        text = definition(synset)
+        if word is not None and len(text.split()) >= MIN_DEFINITION_WORDS:
+            words_by_text[text].append((word, synset.words))
+    pool = [(text, entries[0]) for text, entries in words_by_text.items() if len(entries) == 1]
+    vocabulary = sorted({word for _, (word, _) in pool})
+    examples = []
+    for text, (word, lemmas) in pool:
+        own = {lemma.lower() for lemma in lemmas}
+        distractors: list[str] = []
+        while len(distractors) < DEFINITION_OPTIONS - 1:
+            other = vocabulary[rng.randrange(len(vocabulary))]
+            if other.lower() not in own and other not in distractors:
+                distractors.append(other)
+        options = [word, *distractors]
+        rng.shuffle(options)
+        choices = tuple(" " + option for option in options)
+        label = options.index(word)
+        examples.append(
+            Example(prompt=f"Definition: {text}\nWord:", target=choices[label], choices=choices, label=label)
+        )
+    return examples
+
+
+@register_task("wordnet-definition")
+def load_noun_definitions(data_dir: Path | None = None, seed: int = 0) -> TaskData:
+    """Which of four nouns a WordNet definition defines (the noun's own words removed from it)."""
+    path = (data_dir if data_dir is not None else DEFAULT_WORDNET_DIR) / "data.noun"
+    examples = definition_examples(read_synsets(path), seed)
+    test_size, validation_size, train_cap = DEFINITION_SPLIT_SIZES
+    if len(examples) <= test_size + validation_size:
+        raise ValueError(f"only {len(examples)} definitions in {path}; need more than {test_size + validation_size}")
+    random.Random(seed).shuffle(examples)
+    held_out = test_size + validation_size
+    return TaskData(
+        name="wordnet-definition",
+        kind=TaskKind.MULTIPLE_CHOICE,
+        train=examples[held_out : held_out + train_cap],
+        validation=examples[test_size:held_out],
+        test=examples[:test_size],
+    )

@@ -114,3 +114,19 @@ def test_verb_task_uses_its_own_categories() -> None:
     assert (len(verbs.validation), len(verbs.test)) == (200, 500)
     assert 5000 < len(verbs.train) <= 6000
     assert verbs.test[0].prompt.endswith(f"(one of: {', '.join(VERB_CATEGORIES)}):")
+
+
+@has_wordnet
+def test_definition_task_offers_the_defined_noun_and_three_others() -> None:
+    task = load_task("wordnet-definition", seed=0)
+    assert (len(task.train), len(task.validation), len(task.test)) == (6000, 200, 500)
+    prompts = [{e.prompt for e in split} for split in (task.train, task.validation, task.test)]
+    assert sum(map(len, prompts)) == len(set().union(*prompts))  # disjoint splits
+    labels = [e.label for e in task.test]
+    assert all(labels.count(label) > 90 for label in range(4))  # the gold position is shuffled
+    for example in task.test:
+        assert len(set(example.choices)) == 4 and example.target == example.choices[example.label]
+        assert example.prompt.startswith("Definition: ") and example.prompt.endswith("\nWord:")
+        assert example.target.strip().lower() not in example.prompt.lower().split()  # headword removed
+    assert load_task("wordnet-definition", seed=0) == task
+    assert load_task("wordnet-definition", seed=1).test != task.test
