@@ -86,7 +86,9 @@ def measure(config_path: Path, tasks: list[str], limit: int, jitters: list[float
     task_data = {name: load_task(name, seed=config.seed) for name in tasks}
     evaluators = {name: EvalConfig(limit=limit).evaluator(data, progress=False) for name, data in task_data.items()}
     gradient_examples = task_data[tasks[0]].validation[:8]
-    llm_accuracy = {name: evaluate(llm.model, llm.tokenizer, "LLM") for name, evaluate in evaluators.items()}
+    llm_accuracy = {
+        name: evaluate(llm.model, llm.tokenizer, "LLM", reuse=True) for name, evaluate in evaluators.items()
+    }
 
     rows = []
     for variant in variants(method, jitters):
