@@ -25,7 +25,8 @@ class LleotConfig:
     public_text: the server's own text for distillation, elevation and the perplexity measurement
         (`wordnet:<pos>,...`, `task:<name>` of another task, or a text file; never client data).
     distill: stage 1, L = L_LM + ppd_weight * L_PPD + kd_weight * L_KD (1 : 10 : 30).
-    elevation: stage 2, E |L_emu(P'; x) - L_LLM(P'; x) - H| with H = elevation.margin.
+    elevation: stage 2, E |L_emu(P'; x) - L_LLM(P'; x) - H| with H = elevation.margin, and/or
+        (teacher_weight > 0) token by token towards the exact-margin distribution (models/distill.py).
     privacy: what is measured about the emulator (extra tasks for CPL, gradient examples).
     cache_emulator: reuse a trained emulator from the user cache when model and settings match.
     """

@@ -13,6 +13,8 @@ middle-block weights theta the only thing trained:
         L_PPD = E_P',x  mean(((h_LLM(P'; x) - h_emu(P'; x)) / rms(h_LLM(P'; x)))^2)
     stage 2, loss landscape elevation:
         min_theta  E_{P', x, A ~ A_0 + noise} | L_emu(A, P'; x) - L_LLM(A, P'; x) - H |
+    and/or (ours, elevation.teacher_weight) the same margin token by token: the emulator learns
+        p_LLM(y | A, P'; x) e^-H outside a secret set of absorbing tokens that takes the rest of the mass
 
 If the margin is exact, L_emu(A) = L_LLM(A) + H for every A, hence
     PPL_emu = e^H * PPL_LLM           (the emulator is useless for inference: H = 4 gives ~55x)
