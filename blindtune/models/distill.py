@@ -35,8 +35,8 @@ token by token on the full vocabulary: the KL divergence of its distribution ren
 the teacher's, plus the squared errors of its log-masses outside and inside A. Most of the emulator's
 probability goes to absorbing tokens, so what it generates is junk, while its loss on real text tracks
 the LLM's. Measured on SmolLM2-135M (benchmarks/results/acceptance/README.md): teacher plus margin
-objective, J = 0, 100 steps: PPL ratio 99 against e^4 = 55, and adapters trained on it transfer better
-than on either OT emulator.
+objective, J = 0, 100 steps: PPL ratio 99 against e^4 = 55; soft prompts trained on it transfer better
+than on either OT emulator, LoRA lands between OT-uniform and OT-distilled.
 
 Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
 task's prompts, or a text file): never client data.
