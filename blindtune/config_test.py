@@ -21,6 +21,18 @@ def test_packaged_configs_load():
         assert config.method == "offsite" and config.federation.num_clients == 3
 
 
+def test_every_packaged_config_loads_and_names_its_command():
+    from blindtune.cli import packaged_config
+
+    directory = packaged_config("offsite_wordnet_3clients.yaml").parent
+    paths = sorted(directory.glob("*.yaml"))
+    assert len(paths) > 10
+    for path in paths:
+        load_run_config(path)  # typed, unknown keys rejected
+        header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        assert any(path.name in line for line in header), f"{path.name}: no run command in its header"
+
+
 def test_sections_become_typed_objects_and_round_trip():
     config = run_config_from_dict(
         {
