@@ -253,10 +253,14 @@ def definition_examples(synsets: Iterator[Synset], seed: int) -> list[Example]:
     for text, (word, lemmas) in pool:
         own = {lemma.lower() for lemma in lemmas}
         distractors: list[str] = []
-        while len(distractors) < DEFINITION_OPTIONS - 1:
+        for _ in range(1000):  # a tiny or degenerate data file must fail, not loop forever
+            if len(distractors) == DEFINITION_OPTIONS - 1:
+                break
             other = vocabulary[rng.randrange(len(vocabulary))]
             if other.lower() not in own and other not in distractors:
                 distractors.append(other)
+        if len(distractors) < DEFINITION_OPTIONS - 1:
+            raise ValueError(f"too few distinct nouns to draw {DEFINITION_OPTIONS - 1} distractors for {word!r}")
         options = [word, *distractors]
         rng.shuffle(options)
         choices = tuple(" " + option for option in options)

@@ -10,6 +10,7 @@ from blindtune.data.wordnet import (
     VERB_CATEGORIES,
     Synset,
     definition,
+    definition_examples,
     load_noun_supersense,
     load_verb_supersense,
     read_synsets,
@@ -130,3 +131,9 @@ def test_definition_task_offers_the_defined_noun_and_three_others() -> None:
         assert example.target.strip().lower() not in example.prompt.lower().split()  # headword removed
     assert load_task("wordnet-definition", seed=0) == task
     assert load_task("wordnet-definition", seed=1).test != task.test
+
+
+def test_definition_task_refuses_too_few_nouns() -> None:
+    synsets = [Synset(5, (word,), f"a thing called number {i} in the list") for i, word in enumerate(("cat", "dog"))]
+    with pytest.raises(ValueError, match="too few distinct nouns"):
+        definition_examples(iter(synsets), seed=0)
