@@ -410,11 +410,13 @@ def elevated_teacher(
 ) -> ElevatedTeacher:
     """Token margins H + J z(y) and the absorbing set, both fixed by `seed` and the public text."""
     vocabulary = llm.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
-    counts = public_token_counts(tokenizer, texts, vocabulary)
     token_margins = torch.full((vocabulary,), float(config.margin))
+    absorbing = torch.zeros(vocabulary, dtype=torch.bool)
+    if config.margin_jitter == 0 and config.teacher_weight == 0:  # the paper's uniform margin: no counts needed
+        return ElevatedTeacher(token_margins=token_margins, absorbing=absorbing)
+    counts = public_token_counts(tokenizer, texts, vocabulary)
     if config.margin_jitter > 0:
         token_margins += config.margin_jitter * margin_scores(llm, counts, seed)
-    absorbing = torch.zeros(vocabulary, dtype=torch.bool)
     if config.teacher_weight > 0:
         unused = counts == 0
         unused[[i for i in tokenizer.all_special_ids if i < vocabulary]] = False
