@@ -52,11 +52,13 @@ def privacy_row(label: str, run: dict[str, Any]) -> list[str]:
     ledger = privacy.get("ledger")
     loss, ratio = mia.get("loss", {}), mia.get("loss_ratio", {})
     tpr = f"{_percent(loss.get('tpr_at_1pct_fpr'))} / {_percent(ratio.get('tpr_at_1pct_fpr'))}" if loss else MISSING
-    ppl = (
-        f"{misuse['artefact_perplexity']:.1f} / {misuse['llm_perplexity']:.1f}"
-        if "artefact_perplexity" in misuse
-        else MISSING
-    )
+    emulator = privacy.get("emulator", {})  # what OT / LLEOT measured on the server's held-out public text
+    if "artefact_perplexity" in misuse:
+        ppl = f"{misuse['artefact_perplexity']:.1f} / {misuse['llm_perplexity']:.1f}"
+    elif "emulator_ppl" in emulator:
+        ppl = f"{emulator['emulator_ppl']:.1f} / {emulator['llm_ppl']:.1f}"
+    else:
+        ppl = MISSING
     return [
         label,
         _percent(metrics.get("llm_zero_shot")),

@@ -50,6 +50,7 @@ from blindtune.models.adapters import AdapterState, untrained_adapter_state
 from blindtune.models.artefact import describe, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import build_emulator, num_decoder_layers, plan_layers
+from blindtune.privacy.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -57,9 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SETUP_ROUND = 0  # the ledger's round number of the hand-out and the training plans
-# Where the budget spent and the attack's rates go in the server's results (results.json details until the
-# privacy section lifts a method's own figures, see the FedCoT report).
-METHOD_PRIVACY = "privacy_method"
 PRIVATISED_RECORDS = (str(RecordKey.PRIVATISED_PROMPTS),)
 RATIONALE_SAMPLES = 3  # privatised prompts and rationales shown in results.json (server-side texts)
 

@@ -8,6 +8,7 @@ import pytest
 from blindtune.config import ConfigError, run_config_from_dict
 from blindtune.models import tiny_model
 from blindtune.models.adapters import AdapterKind
+from blindtune.privacy.audit import METHOD_PRIVACY
 from blindtune.runner import run_experiment
 
 
@@ -60,7 +61,9 @@ SHORT = {"steps": 2, "batch_size": 4, "max_length": 16}
 def test_privacy_is_measured_and_reported(method, section, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
     results = run_experiment(_config(method, tiny_model_dir, section), tmp_path / "run", progress=False)
-    privacy = json.loads((tmp_path / "run" / "results.json").read_text())["details"]["privacy"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    privacy = saved["privacy"]["emulator"]
+    assert METHOD_PRIVACY not in saved["details"]  # lifted into the privacy section
     for key in ("emulator_ppl", "llm_ppl", "ppl_ratio", "cpl", "gradient_cosine", "gradient_cosine_final"):
         assert math.isfinite(privacy[key]) or key == "cpl", key
     assert privacy["ppl_ratio"] == pytest.approx(privacy["emulator_ppl"] / privacy["llm_ppl"])
@@ -70,5 +73,7 @@ def test_privacy_is_measured_and_reported(method, section, tiny_model_dir, tmp_p
         assert privacy["expected_ppl_ratio"] == pytest.approx(math.exp(4.0))
     for key in ("cpl", "ppl_ratio", "gradient_cosine"):
         assert key in results["metrics"]
-    assert "ppl_ratio" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "ppl_ratio" in report
+    assert f"{privacy['emulator_ppl']:.1f} / {privacy['llm_ppl']:.1f}" in report  # the privacy table
     assert list((tmp_path / "cache" / "emulators").glob("*.safetensors"))

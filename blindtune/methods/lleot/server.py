@@ -50,6 +50,7 @@ from blindtune.models.distill import (
 )
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
+from blindtune.privacy.audit import METHOD_PRIVACY
 
 
 def emulator_plan(llm: LoadedModel, method: LleotConfig) -> LayerPlan:
@@ -136,7 +137,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         "metrics": metrics,
         "history": outcome.history,
         "clients": outcome.clients,
-        "privacy": privacy,
+        METHOD_PRIVACY: {"emulator": privacy},  # lifted into results.json `privacy`
         "emulator": {
             "llm_layers": plan.num_llm_layers,
             "emulator_layers": list(plan.emulator_layers),

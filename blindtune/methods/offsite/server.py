@@ -26,6 +26,7 @@ from blindtune.models.adapters import untrained_adapter_state
 from blindtune.models.distill import adapter_gradient_cosine, leakage_report, prepare_emulator, public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
+from blindtune.privacy.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -116,5 +117,5 @@ def run_server(run: ServerRun) -> dict[str, Any]:
                 llm.model, emulator.model, layer_map, method.adapter, outcome.state, llm.tokenizer, gradient_examples
             )
         metrics.update({key: privacy[key] for key in ("cpl", "ppl_ratio", "gradient_cosine")})
-        results["privacy"] = privacy
+        results[METHOD_PRIVACY] = {"emulator": privacy}  # lifted into results.json `privacy`
     return results
