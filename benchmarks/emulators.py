@@ -32,7 +32,7 @@ from blindtune.cli import packaged_config
 from blindtune.config import EvalConfig, load_run_config
 from blindtune.data import load_task
 from blindtune.methods.lleot.config import LleotConfig
-from blindtune.methods.lleot.server import adapter_layer_map, emulator_plan
+from blindtune.methods.lleot.server import emulator_plan
 from blindtune.models import load_model
 from blindtune.models.adapters import AdapterConfig, AdapterKind, untrained_adapter_state
 from blindtune.models.distill import (
@@ -44,7 +44,7 @@ from blindtune.models.distill import (
     prepare_emulator,
     public_texts,
 )
-from blindtune.models.surgery import build_emulator
+from blindtune.models.surgery import adapter_layer_map, build_emulator
 
 GRADIENT_ADAPTERS = {
     "soft prompt": AdapterConfig(kind=AdapterKind.SOFT_PROMPT, prompt_length=5),
@@ -81,7 +81,7 @@ def measure(config_path: Path, tasks: list[str], limit: int, jitters: list[float
         method.elevation = dataclasses.replace(method.elevation, steps=steps)
     llm = load_model(config.model)
     plan = emulator_plan(llm, method)
-    layer_map = adapter_layer_map(plan)
+    layer_map = adapter_layer_map(plan, method.train_top_layers)
     texts = public_texts(method.public_text, tasks[0], config.seed)
     task_data = {name: load_task(name, seed=config.seed) for name in tasks}
     evaluators = {name: EvalConfig(limit=limit).evaluator(data, progress=False) for name, data in task_data.items()}

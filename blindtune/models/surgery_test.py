@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from blindtune.models import tiny_model
-from blindtune.models.surgery import build_emulator, canonical_name, num_decoder_layers, plan_layers
+from blindtune.models.surgery import adapter_layer_map, build_emulator, canonical_name, num_decoder_layers, plan_layers
 
 
 def test_plan_keeps_adapter_layers_and_subsamples_the_middle():
@@ -49,3 +49,9 @@ def test_canonical_names_map_positions_to_llm_layers():
     )
     assert canonical_name("model.layers.2.mlp.up_proj.weight", {3: 29}) is None
     assert canonical_name("model.embed_tokens.weight", {3: 29}) is None
+
+
+def test_adapter_layer_map_can_leave_the_top_layers_frozen():
+    plan = plan_layers(30, adapter_layers_per_side=2, middle_keep_every=3)
+    assert adapter_layer_map(plan) == {0: 0, 1: 1, 11: 28, 12: 29}
+    assert adapter_layer_map(plan, train_top=False) == {0: 0, 1: 1}

@@ -13,8 +13,9 @@ from blindtune.methods import register_method
 from blindtune.methods.adapter_tuning import answer_client, centralized_adapter, local_only_adapter
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
 from blindtune.methods.lleot.config import LleotConfig
-from blindtune.methods.lleot.server import adapter_layer_map, elevated_emulator, emulator_plan, run_server
+from blindtune.methods.lleot.server import elevated_emulator, emulator_plan, run_server
 from blindtune.models import load_model
+from blindtune.models.surgery import adapter_layer_map
 
 
 class Lleot:
@@ -31,7 +32,8 @@ class Lleot:
         """The same adapter trained directly on the full LLM with the pooled client data."""
         method: LleotConfig = inputs.config.method_config
         llm = load_model(inputs.config.model)
-        return centralized_adapter(inputs, llm, emulator_plan(llm, method).adapter_layers, method.adapter)
+        layers = tuple(adapter_layer_map(emulator_plan(llm, method), method.train_top_layers).values())
+        return centralized_adapter(inputs, llm, layers, method.adapter)
 
     def local_only(self, inputs: BaselineInputs) -> float:
         """Client 0 trains the adapter on the elevated emulator with only its own data; plugged into the LLM."""
@@ -40,7 +42,9 @@ class Lleot:
         llm = load_model(config.model)
         plan = emulator_plan(llm, method)
         prepared, _ = elevated_emulator(llm, plan, method, config.task, config.seed, inputs.progress)
-        return local_only_adapter(inputs, llm, prepared.model, adapter_layer_map(plan), method.adapter)
+        return local_only_adapter(
+            inputs, llm, prepared.model, adapter_layer_map(plan, method.train_top_layers), method.adapter
+        )
 
 
 register_method(Lleot())

@@ -21,6 +21,9 @@ class LleotConfig:
     """The elevated emulator the server hands out and the adapter clients train on it.
 
     adapter_layers_per_side / middle_keep_every: the layer-dropped emulator, as in offsite tuning.
+    train_top_layers: clients train the bottom and the top adapter layers (False: the bottom ones only,
+        the top ones ship frozen). Trainable top layers sit between the elevated middle block and the
+        output, where an adapter can learn to undo the elevation instead of the task.
     adapter: what clients train: a 5-token soft prompt by default, or layers / LoRA on the adapter layers.
     public_text: the server's own text for distillation, elevation and the perplexity measurement
         (`wordnet:<pos>,...`, `task:<name>` of another task, or a text file; never client data).
@@ -33,6 +36,7 @@ class LleotConfig:
 
     adapter_layers_per_side: int = 3
     middle_keep_every: int = 3
+    train_top_layers: bool = True
     adapter: AdapterConfig = field(default_factory=_soft_prompt)
     public_text: str = "wordnet:adj,adv"
     distill: DistillConfig = field(default_factory=_distill_with_proxy_prompts)

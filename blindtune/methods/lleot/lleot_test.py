@@ -6,6 +6,7 @@ import math
 import pytest
 
 from blindtune.config import ConfigError, run_config_from_dict
+from blindtune.federation.checkpoint import latest_checkpoint
 from blindtune.models import tiny_model
 from blindtune.models.adapters import AdapterKind
 from blindtune.privacy.audit import METHOD_PRIVACY
@@ -77,3 +78,17 @@ def test_privacy_is_measured_and_reported(method, section, tiny_model_dir, tmp_p
     assert "ppl_ratio" in report
     assert f"{privacy['emulator_ppl']:.1f} / {privacy['llm_ppl']:.1f}" in report  # the privacy table
     assert list((tmp_path / "cache" / "emulators").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["offsite", "lleot"])
+def test_bottom_only_adapter_trains_and_sends_only_the_bottom_layers(method, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
+    section = {"adapter": {"kind": "lora", "lora_rank": 2}, "train_top_layers": False, "distill": SHORT}
+    if method == "lleot":
+        section["elevation"] = SHORT
+    config = _config(method, tiny_model_dir, section)
+    run_experiment(config, tmp_path / "run", progress=False)
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint is not None
+    layers = {int(name.split(".")[1]) for name in checkpoint[1]}
+    assert layers == {0, 1, 2}  # 8 layers, 3 per side: the top three ship frozen

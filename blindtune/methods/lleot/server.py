@@ -49,17 +49,12 @@ from blindtune.models.distill import (
     public_texts,
 )
 from blindtune.models.loading import LoadedModel
-from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
+from blindtune.models.surgery import LayerPlan, adapter_layer_map, build_emulator, num_decoder_layers, plan_layers
 from blindtune.privacy.audit import METHOD_PRIVACY
 
 
 def emulator_plan(llm: LoadedModel, method: LleotConfig) -> LayerPlan:
     return plan_layers(num_decoder_layers(llm.model), method.adapter_layers_per_side, method.middle_keep_every)
-
-
-def adapter_layer_map(plan: LayerPlan) -> dict[int, int]:
-    """Emulator position -> LLM layer index, for the adapter layers only."""
-    return {plan.emulator_position_of[source]: source for source in plan.adapter_layers}
 
 
 def elevated_emulator(
@@ -113,7 +108,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         max_length=method.privacy.ppl_max_length,
     )
 
-    layer_map = adapter_layer_map(plan)
+    layer_map = adapter_layer_map(plan, method.train_top_layers)
     initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
     gradient_examples = task.validation[: method.privacy.gradient_examples] or task.train[:8]
 

@@ -9,8 +9,9 @@ from blindtune.methods import register_method
 from blindtune.methods.adapter_tuning import answer_client, centralized_adapter, local_only_adapter
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
 from blindtune.methods.offsite.config import OffsiteConfig
-from blindtune.methods.offsite.server import adapter_layer_map, emulator_plan, handed_out_emulator, run_server
+from blindtune.methods.offsite.server import emulator_plan, handed_out_emulator, run_server
 from blindtune.models import load_model
+from blindtune.models.surgery import adapter_layer_map
 
 
 class OffsiteTuning:
@@ -27,14 +28,17 @@ class OffsiteTuning:
         """The same adapter layers trained directly on the full LLM with the pooled client data."""
         method: OffsiteConfig = inputs.config.method_config
         llm = load_model(inputs.config.model)
-        return centralized_adapter(inputs, llm, emulator_plan(llm, method).adapter_layers, method.adapter)
+        layers = tuple(adapter_layer_map(emulator_plan(llm, method), method.train_top_layers).values())
+        return centralized_adapter(inputs, llm, layers, method.adapter)
 
     def local_only(self, inputs: BaselineInputs) -> float:
         """Client 0 trains the adapter on the handed-out emulator with only its own data."""
         method: OffsiteConfig = inputs.config.method_config
         llm = load_model(inputs.config.model)
         plan, emulator = handed_out_emulator(llm, inputs.config, inputs.progress)
-        return local_only_adapter(inputs, llm, emulator.model, adapter_layer_map(plan), method.adapter)
+        return local_only_adapter(
+            inputs, llm, emulator.model, adapter_layer_map(plan, method.train_top_layers), method.adapter
+        )
 
 
 register_method(OffsiteTuning())

@@ -14,6 +14,8 @@ class OffsiteConfig:
 
     adapter_layers_per_side: the bottom and top k decoder layers form the adapter.
     middle_keep_every: the emulator keeps 1 of every n middle layers (uniform layer drop).
+    train_top_layers: clients train the bottom and the top adapter layers (False: the bottom ones only;
+        the top ones ship as frozen copies of the LLM's). Soft prompts train no layers either way.
     adapter: what is trained on the adapter layers (full layers or LoRA), or a soft prompt.
     distill: when set, the server distils the emulator's middle block towards the LLM on public text
         before handing it out (Offsite-Tuning's NLD, "OT-distilled"); None hands out the uniform one.
@@ -25,6 +27,7 @@ class OffsiteConfig:
 
     adapter_layers_per_side: int = 3
     middle_keep_every: int = 3
+    train_top_layers: bool = True
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     distill: DistillConfig | None = None
     public_text: str = "wordnet:adj,adv"

@@ -25,7 +25,7 @@ from blindtune.models import load_model
 from blindtune.models.adapters import untrained_adapter_state
 from blindtune.models.distill import adapter_gradient_cosine, leakage_report, prepare_emulator, public_texts
 from blindtune.models.loading import LoadedModel
-from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
+from blindtune.models.surgery import LayerPlan, adapter_layer_map, build_emulator, num_decoder_layers, plan_layers
 from blindtune.privacy.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 
 def emulator_plan(llm: LoadedModel, method: OffsiteConfig) -> LayerPlan:
     return plan_layers(num_decoder_layers(llm.model), method.adapter_layers_per_side, method.middle_keep_every)
-
-
-def adapter_layer_map(plan: LayerPlan) -> dict[int, int]:
-    """Emulator position -> LLM layer index, for the adapter layers only."""
-    return {plan.emulator_position_of[source]: source for source in plan.adapter_layers}
 
 
 def handed_out_emulator(llm: LoadedModel, config: RunConfig, progress: bool) -> tuple[LayerPlan, LoadedModel]:
@@ -74,7 +69,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
         "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
     }
-    layer_map = adapter_layer_map(plan)
+    layer_map = adapter_layer_map(plan, method.train_top_layers)
     initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
     privacy: dict[str, Any] | None = None
     if method.privacy is not None and texts is not None:
