@@ -136,6 +136,11 @@ class ElevationConfig:
     teacher_weight: weight of the token-level elevated-teacher loss (0: the paper's objective alone).
     absorbing_tokens: size of the teacher's secret absorbing set, drawn (seeded) from vocabulary
         entries the public text never uses.
+    client_steps: elevate under a simulated client too: an update of the adapter layers, shared by both
+        models, that descends the emulator's LM loss on the public batch as a client's adapter would
+        (AdamW, `client_learning_rate`), restarting from the LLM's weights every `client_steps` steps
+        (0 disables it). Random perturbations keep the margin around the untrained adapter only; a
+        trained adapter finds the direction that undoes the elevation.
     """
 
     margin: float = 4.0
@@ -149,10 +154,14 @@ class ElevationConfig:
     margin_weight: float = 1.0
     teacher_weight: float = 0.0
     absorbing_tokens: int = 256
+    client_steps: int = 0
+    client_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
             raise ValueError(f"invalid elevation settings: {self}")
+        if self.client_steps < 0 or self.client_learning_rate <= 0:
+            raise ValueError(f"client_steps must be >= 0 and client_learning_rate > 0: {self}")
         if self.margin_weight < 0 or self.teacher_weight < 0 or self.margin_weight + self.teacher_weight == 0:
             raise ValueError(f"margin_weight and teacher_weight must be >= 0, one of them > 0: {self}")
         if self.teacher_weight > 0 and (self.absorbing_tokens < 1 or self.margin <= 0):
@@ -368,13 +377,20 @@ def elevate_emulator(
     """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H (with the margin jitter,
     the text's mean token margin); per-step losses and margins."""
     teacher = elevated_teacher(pair.llm, tokenizer, texts, config, seed)
+    client = _SimulatedClient(pair, config.client_steps, config.client_learning_rate) if config.client_steps else None
 
     def objective(
         pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
     ) -> tuple[float, dict[str, float]]:
-        return _elevation_loss(pair, ids, mask, config, generator, teacher)
+        client_loss = client.step(ids, mask) if client is not None else None
+        loss, parts = _elevation_loss(pair, ids, mask, config, generator, teacher)
+        return loss, parts if client_loss is None else {**parts, "client_loss": client_loss}
 
-    return _optimise(pair, tokenizer, texts, config, objective, seed, progress, "elevate emulator")
+    try:
+        return _optimise(pair, tokenizer, texts, config, objective, seed, progress, "elevate emulator")
+    finally:
+        if client is not None:
+            client.restore()
 
 
 @dataclass
@@ -524,6 +540,63 @@ def _backward(loss: Tensor) -> None:
     loss.backward()
 
 
+def _adapter_parameter_pairs(pair: EmulatorPair) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(LLM parameter, emulator parameter) of every adapter layer: copies of each other."""
+    pairs = []
+    llm_layers, emulator_layers = decoder_layers(pair.llm), decoder_layers(pair.emulator)
+    position_of = pair.plan.emulator_position_of
+    for source in pair.plan.adapter_layers:
+        llm_parameters = dict(llm_layers[source].named_parameters())
+        for name, emulated in emulator_layers[position_of[source]].named_parameters():
+            pairs.append((llm_parameters[name], emulated))
+    return pairs
+
+
+class _SimulatedClient:
+    """An adapter-layer update shared by both models that trains on the emulator's LM loss, as a client's
+    adapter does (see `ElevationConfig.client_steps`). `restore()` puts the LLM's weights back."""
+
+    def __init__(self, pair: EmulatorPair, steps: int, learning_rate: float) -> None:
+        self.pair, self.steps, self.learning_rate = pair, steps, learning_rate
+        self.pairs = _adapter_parameter_pairs(pair)
+        self.originals = [reference.detach().clone() for reference, _ in self.pairs]
+        self.taken = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def step(self, ids: Tensor, mask: Tensor) -> float:
+        """One AdamW step of the update on this batch (after a restart every `steps` steps); its loss."""
+        if self.taken % self.steps == 0:
+            self.restore()
+            self.optimizer = torch.optim.AdamW([emulated for _, emulated in self.pairs], lr=self.learning_rate)
+        self.taken += 1
+        assert self.optimizer is not None
+        parameters = [emulated for _, emulated in self.pairs]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        try:
+            pair = self.pair
+            loss = _run(pair.emulator, pair.emulator_middle_layer, None, ids, mask).nll.mean()
+            # autograd.grad leaves .grad alone: the middle layers' optimiser never sees these gradients.
+            gradients = torch.autograd.grad(loss, parameters)
+        finally:
+            for parameter in parameters:
+                parameter.requires_grad_(False)
+        with torch.no_grad():
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                parameter.grad = gradient
+            self.optimizer.step()
+            for reference, emulated in self.pairs:
+                emulated.grad = None
+                reference.copy_(emulated.to(reference))
+        return loss.item()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (reference, emulated), original in zip(self.pairs, self.originals, strict=True):
+                reference.copy_(original)
+                emulated.copy_(original.to(emulated))
+
+
 class _PerturbedAdapters:
     """Add the same random perturbation to the adapter layers of both models; restore them on exit."""
 
@@ -532,12 +605,7 @@ class _PerturbedAdapters:
         self.originals: list[Tensor] = []
         if relative_std <= 0:
             return
-        llm_layers, emulator_layers = decoder_layers(pair.llm), decoder_layers(pair.emulator)
-        position_of = pair.plan.emulator_position_of
-        for source in pair.plan.adapter_layers:
-            llm_parameters = dict(llm_layers[source].named_parameters())
-            for name, emulated in emulator_layers[position_of[source]].named_parameters():
-                self.pairs.append((llm_parameters[name], emulated))
+        self.pairs = _adapter_parameter_pairs(pair)
         self.relative_std, self.generator = relative_std, generator
 
     def __enter__(self) -> None:

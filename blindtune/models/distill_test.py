@@ -17,6 +17,7 @@ from blindtune.models.distill import (
     TextBatches,
     _distill_loss,
     _elevation_loss,
+    _SimulatedClient,
     adapter_gradient_cosine,
     cpl,
     distill_emulator,
@@ -174,6 +175,36 @@ def test_elevation_by_the_teacher_drives_the_measured_margin_toward_h(texts):
     assert abs(math.log(before["ppl_ratio"]) - margin) > 0.8
     assert abs(math.log(after["ppl_ratio"]) - margin) < 0.3
     assert history[-1]["teacher_mass_error"] < 0.01 * history[0]["teacher_mass_error"]
+
+
+def test_the_simulated_client_descends_its_loss_in_both_models_and_restores_them(texts):
+    wider = tiny_model(num_layers=6, hidden_size=64)
+    llm, reference = wider.model, copy.deepcopy(wider.model)
+    pair = _pair(llm, keep_every=2)
+    ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)  # one text, four times
+    client = _SimulatedClient(pair, steps=10, learning_rate=1e-2)
+    losses = [client.step(ids, mask) for _ in range(10)]
+    assert losses[-1] < losses[0] - 0.5
+    emulated = pair.emulator.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(emulated, llm.model.layers[0].mlp.up_proj.weight)  # one update, shared
+    assert not torch.equal(emulated, reference.model.layers[0].mlp.up_proj.weight)
+    client.restore()
+    for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_elevation_under_a_simulated_client_leaves_the_llm_untouched(texts):
+    wider = tiny_model(num_layers=6, hidden_size=64)
+    llm, reference = wider.model, copy.deepcopy(wider.model)
+    pair = _pair(llm, keep_every=2)
+    config = ElevationConfig(margin=0.3, steps=6, batch_size=4, max_length=16, client_steps=3)
+    history = elevate_emulator(pair, wider.tokenizer, texts.train[:400], config, progress=False)
+    assert all(math.isfinite(h["client_loss"]) for h in history)
+    for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for source in pair.plan.adapter_layers:  # the emulator's adapter layers are the LLM's again
+        emulated = pair.emulator.model.layers[pair.plan.emulator_position_of[source]]
+        assert torch.equal(emulated.mlp.up_proj.weight, llm.model.layers[source].mlp.up_proj.weight)
 
 
 def test_measurements_on_an_identical_emulator(tiny, texts):

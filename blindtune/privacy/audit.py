@@ -21,7 +21,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from blindtune.encoding import pad_right
 from blindtune.privacy.context import PrivacyNotAppliedError, ServerPrivacy
 from blindtune.privacy.ledger_check import TrafficAudit, check
 from blindtune.privacy.mia import example_losses, membership_inference
+
+if TYPE_CHECKING:
+    from blindtune.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ def privacy_section(config: RunConfig, results: dict[str, Any]) -> dict[str, Any
 # ---- audits that need the models ----------------------------------------------------------------
 
 
-def _final_adapter(out_dir: Path) -> dict[str, torch.Tensor]:
+def final_adapter(out_dir: Path) -> dict[str, torch.Tensor]:
     from blindtune.federation.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
@@ -150,6 +153,20 @@ def _strategy(config: RunConfig) -> Any:
     from blindtune.federation.strategies import configured_strategy
 
     return configured_strategy(config.federation, adapter)
+
+
+def plugged_final_adapter(config: RunConfig, llm: LoadedModel, state: dict[str, torch.Tensor]) -> Any:
+    """A context manager giving the LLM with a run's adapter `state` plugged in, as the run's server does."""
+    from blindtune.methods import get_method
+
+    # A method whose adapter does not fit the LLM as is (FedProxy's fits its proxy) says how to plug it in.
+    method_plug = getattr(get_method(config.method), "plugged_llm", None)
+    if method_plug is not None:
+        return method_plug(config, llm, state)
+    strategy = _strategy(config)
+    if strategy is None:
+        raise ValueError(f"method {config.method!r} has no adapter to plug into the LLM")
+    return strategy.plugged_in(llm.model, state)
 
 
 def _sample(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
@@ -172,7 +189,7 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
     count = min(audit.mia_examples, len(members_pool), len(held_out))
     members = _sample(members_pool, count, config.seed + 1)
     nonmembers = _sample(held_out, count, config.seed + 2)
-    state = _final_adapter(out_dir)
+    state = final_adapter(out_dir)
     llm = load_model(config.model)
     max_length = config.train.max_length
     batch = config.eval.batch_size
@@ -184,12 +201,7 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
         )
 
     reference = losses(llm.model)
-    from blindtune.methods import get_method
-
-    # A method whose adapter does not fit the LLM as is (FedProxy's fits its proxy) says how to plug it in.
-    method_plug = getattr(get_method(config.method), "plugged_llm", None)
-    plugging = method_plug(config, llm, state) if method_plug else strategy.plugged_in(llm.model, state)
-    with plugging as adapted:
+    with plugged_final_adapter(config, llm, state) as adapted:
         target = losses(adapted)
     result = membership_inference(target, reference)
     result["target"] = "LLM with the final global adapter plugged in"
@@ -260,7 +272,7 @@ def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], prog
     strategy = _strategy(config)
     if strategy is not None:
         layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
-        adapted = strategy.prepare_client(artefact.model, _final_adapter(out_dir), layer_map, None, config.seed)
+        adapted = strategy.prepare_client(artefact.model, final_adapter(out_dir), layer_map, None, config.seed)
         result["artefact_adapted_accuracy"] = evaluate(adapted.model, artefact.tokenizer, "artefact + adapter")
         result["artefact_adapted_perplexity"] = perplexity(
             adapted.model, artefact.tokenizer, texts, max_length, config.eval.batch_size
