@@ -15,6 +15,10 @@ middle-block weights theta the only thing trained:
         min_theta  E_{P', x, A ~ A_0 + noise} | L_emu(A, P'; x) - L_LLM(A, P'; x) - H |
     and/or (ours, elevation.teacher_weight) the same margin token by token: the emulator learns
         p_LLM(y | A, P'; x) e^-H outside a secret set of absorbing tokens that takes the rest of the mass
+    and optionally (ours, elevation.client_steps) with A also drawn from a simulated client's path,
+        A_{t+1} = A_t - lr * AdamW(grad_A L_emu(A_t; x)), restarted from A_0 every client_steps steps:
+        random noise covers the untrained adapter only, while a trained adapter finds the direction
+        that undoes the elevation (measured: LoRA on the top layers learns that instead of the task)
 
 If the margin is exact, L_emu(A) = L_LLM(A) + H for every A, hence
     PPL_emu = e^H * PPL_LLM           (the emulator is useless for inference: H = 4 gives ~55x)
