@@ -141,6 +141,8 @@ class ElevationConfig:
         (AdamW, `client_learning_rate`), restarting from the LLM's weights every `client_steps` steps
         (0 disables it). Random perturbations keep the margin around the untrained adapter only; a
         trained adapter finds the direction that undoes the elevation.
+    client_every: elevate under the client's update on every n-th step only and under the untrained
+        adapter on the others (1: always under the update); the client trains on every step either way.
     """
 
     margin: float = 4.0
@@ -156,12 +158,13 @@ class ElevationConfig:
     absorbing_tokens: int = 256
     client_steps: int = 0
     client_learning_rate: float = 1e-4
+    client_every: int = 1
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
             raise ValueError(f"invalid elevation settings: {self}")
-        if self.client_steps < 0 or self.client_learning_rate <= 0:
-            raise ValueError(f"client_steps must be >= 0 and client_learning_rate > 0: {self}")
+        if self.client_steps < 0 or self.client_learning_rate <= 0 or self.client_every < 1:
+            raise ValueError(f"client_steps must be >= 0, client_learning_rate > 0, client_every >= 1: {self}")
         if self.margin_weight < 0 or self.teacher_weight < 0 or self.margin_weight + self.teacher_weight == 0:
             raise ValueError(f"margin_weight and teacher_weight must be >= 0, one of them > 0: {self}")
         if self.teacher_weight > 0 and (self.absorbing_tokens < 1 or self.margin <= 0):
@@ -383,6 +386,8 @@ def elevate_emulator(
         pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
     ) -> tuple[float, dict[str, float]]:
         client_loss = client.step(ids, mask) if client is not None else None
+        if client is not None and client.taken % config.client_every:
+            client.park()
         loss, parts = _elevation_loss(pair, ids, mask, config, generator, teacher)
         return loss, parts if client_loss is None else {**parts, "client_loss": client_loss}
 
@@ -562,12 +567,16 @@ class _SimulatedClient:
         self.originals = [reference.detach().clone() for reference, _ in self.pairs]
         self.taken = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.parked: list[Tensor] | None = None
 
     def step(self, ids: Tensor, mask: Tensor) -> float:
         """One AdamW step of the update on this batch (after a restart every `steps` steps); its loss."""
         if self.taken % self.steps == 0:
             self.restore()
             self.optimizer = torch.optim.AdamW([emulated for _, emulated in self.pairs], lr=self.learning_rate)
+        elif self.parked is not None:
+            self._load(self.parked)
+        self.parked = None
         self.taken += 1
         assert self.optimizer is not None
         parameters = [emulated for _, emulated in self.pairs]
@@ -590,11 +599,19 @@ class _SimulatedClient:
                 reference.copy_(emulated.to(reference))
         return loss.item()
 
+    def park(self) -> None:
+        """Put the LLM's weights back for a while; the next `step` continues from the update."""
+        self.parked = [emulated.detach().clone() for _, emulated in self.pairs]
+        self.restore()
+
     def restore(self) -> None:
+        self._load(self.originals)
+
+    def _load(self, weights: list[Tensor]) -> None:
         with torch.no_grad():
-            for (reference, emulated), original in zip(self.pairs, self.originals, strict=True):
-                reference.copy_(original)
-                emulated.copy_(original.to(emulated))
+            for (reference, emulated), weight in zip(self.pairs, weights, strict=True):
+                reference.copy_(weight.to(reference))
+                emulated.copy_(weight.to(emulated))
 
 
 class _PerturbedAdapters:

@@ -182,12 +182,15 @@ def test_the_simulated_client_descends_its_loss_in_both_models_and_restores_them
     llm, reference = wider.model, copy.deepcopy(wider.model)
     pair = _pair(llm, keep_every=2)
     ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)  # one text, four times
-    client = _SimulatedClient(pair, steps=10, learning_rate=1e-2)
+    client = _SimulatedClient(pair, steps=20, learning_rate=1e-2)
     losses = [client.step(ids, mask) for _ in range(10)]
     assert losses[-1] < losses[0] - 0.5
     emulated = pair.emulator.model.layers[0].mlp.up_proj.weight
     assert torch.equal(emulated, llm.model.layers[0].mlp.up_proj.weight)  # one update, shared
     assert not torch.equal(emulated, reference.model.layers[0].mlp.up_proj.weight)
+    client.park()  # the LLM's weights for a while, then the next step continues from the update
+    assert torch.equal(emulated, reference.model.layers[0].mlp.up_proj.weight)
+    assert client.step(ids, mask) < losses[0] - 0.5
     client.restore()
     for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -197,7 +200,7 @@ def test_elevation_under_a_simulated_client_leaves_the_llm_untouched(texts):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
     pair = _pair(llm, keep_every=2)
-    config = ElevationConfig(margin=0.3, steps=6, batch_size=4, max_length=16, client_steps=3)
+    config = ElevationConfig(margin=0.3, steps=6, batch_size=4, max_length=16, client_steps=3, client_every=2)
     history = elevate_emulator(pair, wider.tokenizer, texts.train[:400], config, progress=False)
     assert all(math.isfinite(h["client_loss"]) for h in history)
     for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
