@@ -21,6 +21,7 @@ from typing import Any
 from blindtune.config import RunConfig, run_config_from_dict
 from blindtune.data import load_task
 from blindtune.models import load_model
+from blindtune.models.loading import LoadedModel
 from blindtune.privacy.audit import final_adapter, plugged_final_adapter
 
 
@@ -29,12 +30,16 @@ def interval(accuracy: float, examples: int) -> float:
     return 1.96 * math.sqrt(accuracy * (1 - accuracy) / examples)
 
 
-def rescore(run_dir: Path, limit: int) -> dict[str, Any]:
+def rescore(run_dir: Path, limit: int, models: dict[str, LoadedModel] | None = None) -> dict[str, Any]:
+    """`models`: LLMs already loaded, by the config's model name (runs of one LLM share one load)."""
     config: RunConfig = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
     task = load_task(config.task, config.data_dir, seed=config.seed)
     evaluate = dataclasses.replace(config.eval, limit=limit).evaluator(task)  # the run's scoring settings
     examples = min(limit, len(task.test))
-    llm = load_model(config.model)
+    models = {} if models is None else models
+    if config.model not in models:
+        models[config.model] = load_model(config.model)
+    llm = models[config.model]  # the plug-in below restores its weights on exit
     llm_accuracy = evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True)
     with plugged_final_adapter(config, llm, final_adapter(run_dir)) as adapted:
         plugin = evaluate(adapted, llm.tokenizer, f"plug-in {run_dir.name}")
@@ -72,9 +77,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1000, help="test examples to score")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/plugin-eval"))
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    models: dict[str, LoadedModel] = {}
     for run_dir in args.runs:
-        rows.append(rescore(run_dir, args.limit))
+        rows.append(rescore(run_dir, args.limit, models))
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "plugin_eval.json").write_text(json.dumps(rows, indent=2))

@@ -36,7 +36,9 @@ the teacher's, plus the squared errors of its log-masses outside and inside A. M
 probability goes to absorbing tokens, so what it generates is junk, while its loss on real text tracks
 the LLM's. Measured on SmolLM2-135M (benchmarks/results/acceptance/README.md): teacher plus margin
 objective, J = 0, 100 steps: PPL ratio 99 against e^4 = 55; soft prompts trained on it transfer better
-than on either OT emulator, LoRA lands between OT-uniform and OT-distilled.
+than on either OT emulator. LoRA on the adapter layers lands between OT-uniform and OT-distilled with
+14 of 30 layers kept, but with 18 kept it learns to undo the elevation instead of the task (plug-in
+below OT-uniform); elevating under a simulated client (`ElevationConfig.client_steps`) recovers part.
 
 Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
 task's prompts, or a text file): never client data.
