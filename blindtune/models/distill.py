@@ -145,6 +145,10 @@ class ElevationConfig:
         trained adapter finds the direction that undoes the elevation.
     client_every: elevate under the client's update on every n-th step only and under the untrained
         adapter on the others (1: always under the update); the client trains on every step either way.
+    client_lora_rank / client_lora_alpha: shape the client's update as LoRA's, W + alpha / r * B @ A on
+        every weight matrix of the adapter layers (A seeded, B = 0 at each restart; norms untouched), so
+        it explores the subspace a LoRA client's adapter does, at a LoRA client's learning rate
+        (0: every adapter-layer weight moves, as a `layers` client's do).
     """
 
     margin: float = 4.0
@@ -161,12 +165,16 @@ class ElevationConfig:
     client_steps: int = 0
     client_learning_rate: float = 1e-4
     client_every: int = 1
+    client_lora_rank: int = 0
+    client_lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
             raise ValueError(f"invalid elevation settings: {self}")
         if self.client_steps < 0 or self.client_learning_rate <= 0 or self.client_every < 1:
             raise ValueError(f"client_steps must be >= 0, client_learning_rate > 0, client_every >= 1: {self}")
+        if self.client_lora_rank < 0 or self.client_lora_alpha <= 0:
+            raise ValueError(f"client_lora_rank must be >= 0 and client_lora_alpha > 0: {self}")
         if self.margin_weight < 0 or self.teacher_weight < 0 or self.margin_weight + self.teacher_weight == 0:
             raise ValueError(f"margin_weight and teacher_weight must be >= 0, one of them > 0: {self}")
         if self.teacher_weight > 0 and (self.absorbing_tokens < 1 or self.margin <= 0):
@@ -382,7 +390,10 @@ def elevate_emulator(
     """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H (with the margin jitter,
     the text's mean token margin); per-step losses and margins."""
     teacher = elevated_teacher(pair.llm, tokenizer, texts, config, seed)
-    client = _SimulatedClient(pair, config.client_steps, config.client_learning_rate) if config.client_steps else None
+    client = None
+    if config.client_steps:
+        lora = _LowRankUpdate(config.client_lora_rank, config.client_lora_alpha) if config.client_lora_rank else None
+        client = _SimulatedClient(pair, config.client_steps, config.client_learning_rate, lora, seed)
 
     def objective(
         pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
@@ -559,14 +570,28 @@ def _adapter_parameter_pairs(pair: EmulatorPair) -> list[tuple[nn.Parameter, nn.
     return pairs
 
 
+@dataclass(frozen=True)
+class _LowRankUpdate:
+    rank: int
+    alpha: float
+
+
 class _SimulatedClient:
     """An adapter-layer update shared by both models that trains on the emulator's LM loss, as a client's
-    adapter does (see `ElevationConfig.client_steps`). `restore()` puts the LLM's weights back."""
+    adapter does (see `ElevationConfig.client_steps`). `restore()` puts the LLM's weights back.
 
-    def __init__(self, pair: EmulatorPair, steps: int, learning_rate: float) -> None:
-        self.pair, self.steps, self.learning_rate = pair, steps, learning_rate
-        self.pairs = _adapter_parameter_pairs(pair)
+    With `lora`, the update of each weight matrix W0 is s * B @ A (s = alpha / r): the factors are what
+    AdamW trains, their gradients follow from W's by the chain rule, dB = s dW A^T and dA = s B^T dW.
+    """
+
+    def __init__(
+        self, pair: EmulatorPair, steps: int, learning_rate: float, lora: _LowRankUpdate | None = None, seed: int = 0
+    ) -> None:
+        self.pair, self.steps, self.learning_rate, self.lora = pair, steps, learning_rate, lora
+        self.pairs = [p for p in _adapter_parameter_pairs(pair) if lora is None or p[0].dim() == 2]
         self.originals = [reference.detach().clone() for reference, _ in self.pairs]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.factors: list[tuple[Tensor, Tensor]] = []
         self.taken = 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.parked: list[Tensor] | None = None
@@ -574,8 +599,7 @@ class _SimulatedClient:
     def step(self, ids: Tensor, mask: Tensor) -> float:
         """One AdamW step of the update on this batch (after a restart every `steps` steps); its loss."""
         if self.taken % self.steps == 0:
-            self.restore()
-            self.optimizer = torch.optim.AdamW([emulated for _, emulated in self.pairs], lr=self.learning_rate)
+            self._restart()
         elif self.parked is not None:
             self._load(self.parked)
         self.parked = None
@@ -593,12 +617,20 @@ class _SimulatedClient:
             for parameter in parameters:
                 parameter.requires_grad_(False)
         with torch.no_grad():
-            for parameter, gradient in zip(parameters, gradients, strict=True):
-                parameter.grad = gradient
-            self.optimizer.step()
-            for reference, emulated in self.pairs:
-                emulated.grad = None
-                reference.copy_(emulated.to(reference))
+            if self.lora is None:
+                for parameter, gradient in zip(parameters, gradients, strict=True):
+                    parameter.grad = gradient
+                self.optimizer.step()
+                for reference, emulated in self.pairs:
+                    emulated.grad = None
+                    reference.copy_(emulated.to(reference))
+            else:
+                scale = self.lora.alpha / self.lora.rank
+                for (a, b), gradient in zip(self.factors, gradients, strict=True):
+                    a.grad = scale * b.T @ gradient.float()
+                    b.grad = scale * gradient.float() @ a.T
+                self.optimizer.step()
+                self._load([w + scale * b @ a for w, (a, b) in zip(self.originals, self.factors, strict=True)])
         return loss.item()
 
     def park(self) -> None:
@@ -608,6 +640,20 @@ class _SimulatedClient:
 
     def restore(self) -> None:
         self._load(self.originals)
+
+    def _restart(self) -> None:
+        self.restore()
+        trained: list[Tensor] = [emulated for _, emulated in self.pairs]
+        if self.lora is not None:
+            rank = self.lora.rank
+            self.factors = []
+            for original in self.originals:
+                rows, columns = original.shape
+                # peft's default A: uniform with bound 1 / sqrt(fan_in); B = 0, so the update starts at 0.
+                a = (torch.rand(rank, columns, generator=self.generator) * 2 - 1) / math.sqrt(columns)
+                self.factors.append((a, torch.zeros(rows, rank)))
+            trained = [factor for pair in self.factors for factor in pair]
+        self.optimizer = torch.optim.AdamW(trained, lr=self.learning_rate)
 
     def _load(self, weights: list[Tensor]) -> None:
         with torch.no_grad():

@@ -17,6 +17,7 @@ from blindtune.models.distill import (
     TextBatches,
     _distill_loss,
     _elevation_loss,
+    _LowRankUpdate,
     _SimulatedClient,
     adapter_gradient_cosine,
     cpl,
@@ -196,11 +197,31 @@ def test_the_simulated_client_descends_its_loss_in_both_models_and_restores_them
         assert torch.equal(a, b)
 
 
-def test_elevation_under_a_simulated_client_leaves_the_llm_untouched(texts):
+def test_a_lora_shaped_simulated_client_moves_weight_matrices_by_low_rank_updates_only(texts):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
     pair = _pair(llm, keep_every=2)
-    config = ElevationConfig(margin=0.3, steps=6, batch_size=4, max_length=16, client_steps=3, client_every=2)
+    ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)
+    client = _SimulatedClient(pair, steps=20, learning_rate=1e-2, lora=_LowRankUpdate(rank=2, alpha=4.0))
+    losses = [client.step(ids, mask) for _ in range(10)]
+    assert losses[-1] < losses[0] - 0.5
+    layer, original = llm.model.layers[0], reference.model.layers[0]
+    delta = layer.mlp.up_proj.weight - original.mlp.up_proj.weight
+    assert 0 < torch.linalg.matrix_rank(delta) <= 2
+    assert torch.equal(pair.emulator.model.layers[0].mlp.up_proj.weight, layer.mlp.up_proj.weight)
+    assert torch.equal(layer.input_layernorm.weight, original.input_layernorm.weight)  # norms: not LoRA's
+    client.restore()
+    for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("client_lora_rank", [0, 2])
+def test_elevation_under_a_simulated_client_leaves_the_llm_untouched(texts, client_lora_rank):
+    wider = tiny_model(num_layers=6, hidden_size=64)
+    llm, reference = wider.model, copy.deepcopy(wider.model)
+    pair = _pair(llm, keep_every=2)
+    shape = {"margin": 0.3, "steps": 6, "batch_size": 4, "max_length": 16}
+    config = ElevationConfig(**shape, client_steps=3, client_every=2, client_lora_rank=client_lora_rank)
     history = elevate_emulator(pair, wider.tokenizer, texts.train[:400], config, progress=False)
     assert all(math.isfinite(h["client_loss"]) for h in history)
     for a, b in zip(llm.parameters(), reference.parameters(), strict=True):
