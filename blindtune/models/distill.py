@@ -386,14 +386,16 @@ def elevate_emulator(
     *,
     seed: int = 0,
     progress: bool = True,
+    client_layers: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
     """Train the emulator's middle layers (in place) towards L_emu = L_LLM + H (with the margin jitter,
-    the text's mean token margin); per-step losses and margins."""
+    the text's mean token margin); per-step losses and margins. `client_layers`: the LLM layers the
+    simulated client trains (None: every adapter layer)."""
     teacher = elevated_teacher(pair.llm, tokenizer, texts, config, seed)
     client = None
     if config.client_steps:
         lora = _LowRankUpdate(config.client_lora_rank, config.client_lora_alpha) if config.client_lora_rank else None
-        client = _SimulatedClient(pair, config.client_steps, config.client_learning_rate, lora, seed)
+        client = _SimulatedClient(pair, config.client_steps, config.client_learning_rate, lora, seed, client_layers)
 
     def objective(
         pair: EmulatorPair, ids: Tensor, mask: Tensor, config: Any, generator: torch.Generator
@@ -558,12 +560,15 @@ def _backward(loss: Tensor) -> None:
     loss.backward()
 
 
-def _adapter_parameter_pairs(pair: EmulatorPair) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """(LLM parameter, emulator parameter) of every adapter layer: copies of each other."""
+def _adapter_parameter_pairs(
+    pair: EmulatorPair, layers: Sequence[int] | None = None
+) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(LLM parameter, emulator parameter) of the adapter `layers` (LLM indices; None: every adapter
+    layer): copies of each other."""
     pairs = []
     llm_layers, emulator_layers = decoder_layers(pair.llm), decoder_layers(pair.emulator)
     position_of = pair.plan.emulator_position_of
-    for source in pair.plan.adapter_layers:
+    for source in pair.plan.adapter_layers if layers is None else layers:
         llm_parameters = dict(llm_layers[source].named_parameters())
         for name, emulated in emulator_layers[position_of[source]].named_parameters():
             pairs.append((llm_parameters[name], emulated))
@@ -585,10 +590,16 @@ class _SimulatedClient:
     """
 
     def __init__(
-        self, pair: EmulatorPair, steps: int, learning_rate: float, lora: _LowRankUpdate | None = None, seed: int = 0
+        self,
+        pair: EmulatorPair,
+        steps: int,
+        learning_rate: float,
+        lora: _LowRankUpdate | None = None,
+        seed: int = 0,
+        layers: Sequence[int] | None = None,
     ) -> None:
         self.pair, self.steps, self.learning_rate, self.lora = pair, steps, learning_rate, lora
-        self.pairs = [p for p in _adapter_parameter_pairs(pair) if lora is None or p[0].dim() == 2]
+        self.pairs = [p for p in _adapter_parameter_pairs(pair, layers) if lora is None or p[0].dim() == 2]
         self.originals = [reference.detach().clone() for reference, _ in self.pairs]
         self.generator = torch.Generator().manual_seed(seed)
         self.factors: list[tuple[Tensor, Tensor]] = []
@@ -779,14 +790,16 @@ def prepare_emulator(
     seed: int = 0,
     cache: bool = True,
     progress: bool = True,
+    client_layers: Sequence[int] | None = None,
 ) -> PreparedEmulator:
-    """Distil (if `distill`) then elevate (if `elevation`) `emulator` in place.
+    """Distil (if `distill`) then elevate (if `elevation`) `emulator` in place; `client_layers` as for
+    `elevate_emulator`.
 
     With `cache`, the trained middle layers are stored in the user cache directory under a key of the
     LLM's weights, the plan, the settings, the texts and the seed, and reused by later runs.
     """
     pair = EmulatorPair(llm, emulator, plan)
-    path = _cache_path(llm, plan, texts, distill, elevation, seed) if cache else None
+    path = _cache_path(llm, plan, texts, distill, elevation, seed, client_layers) if cache else None
     history: dict[str, list[dict[str, float]]] = {}
     if path is not None and path.is_file():
         _load_middle(pair, path)
@@ -801,7 +814,9 @@ def prepare_emulator(
         else:
             history["distill"] = distill_emulator(pair, tokenizer, texts, distill, seed=seed, progress=progress)
     if elevation is not None:
-        history["elevate"] = elevate_emulator(pair, tokenizer, texts, elevation, seed=seed + 1, progress=progress)
+        history["elevate"] = elevate_emulator(
+            pair, tokenizer, texts, elevation, seed=seed + 1, progress=progress, client_layers=client_layers
+        )
     if path is not None:
         _save_middle(pair, path)
         path.with_suffix(".json").write_text(json.dumps(history))
@@ -815,9 +830,12 @@ def _cache_path(
     distill: DistillConfig | None,
     elevation: ElevationConfig | None,
     seed: int,
+    client_layers: Sequence[int] | None = None,
 ) -> Path:
     digest = hashlib.sha256()
     digest.update(json.dumps([_CACHE_VERSION, asdict(plan), seed]).encode())
+    if client_layers is not None:  # only then, so the keys of emulators elevated before it existed still hold
+        digest.update(json.dumps(list(client_layers)).encode())
     digest.update(json.dumps([asdict(distill) if distill else None, asdict(elevation) if elevation else None]).encode())
     digest.update("\n".join(texts).encode())
     digest.update(model_fingerprint(llm).encode())

@@ -197,6 +197,21 @@ def test_the_simulated_client_descends_its_loss_in_both_models_and_restores_them
         assert torch.equal(a, b)
 
 
+def test_a_simulated_client_trains_only_the_layers_it_is_given(texts):
+    wider = tiny_model(num_layers=6, hidden_size=64)
+    llm, reference = wider.model, copy.deepcopy(wider.model)
+    pair = _pair(llm, keep_every=2)
+    ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)
+    client = _SimulatedClient(pair, steps=20, learning_rate=1e-2, layers=pair.plan.bottom)
+    client.step(ids, mask)
+    (bottom,), (top,) = pair.plan.bottom, pair.plan.top
+    moved = [
+        not torch.equal(llm.model.layers[i].mlp.up_proj.weight, reference.model.layers[i].mlp.up_proj.weight)
+        for i in (bottom, top)
+    ]
+    assert moved == [True, False]
+
+
 def test_a_lora_shaped_simulated_client_moves_weight_matrices_by_low_rank_updates_only(texts):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)

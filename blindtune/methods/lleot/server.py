@@ -77,6 +77,8 @@ def elevated_emulator(
         seed=seed,
         cache=method.cache_emulator,
         progress=progress,
+        # The simulated client trains what clients do: with frozen top layers, the bottom ones only.
+        client_layers=None if method.train_top_layers else plan.bottom,
     )
     return prepared, texts.heldout
 
