@@ -38,7 +38,10 @@ the LLM's. Measured on SmolLM2-135M (benchmarks/results/acceptance/README.md): t
 objective, J = 0, 100 steps: PPL ratio 99 against e^4 = 55; soft prompts trained on it transfer better
 than on either OT emulator. LoRA on the adapter layers lands between OT-uniform and OT-distilled with
 14 of 30 layers kept, but with 18 kept it learns to undo the elevation instead of the task (plug-in
-below OT-uniform); elevating under a simulated client (`ElevationConfig.client_steps`) recovers part.
+below OT-uniform); elevating under a simulated client (`ElevationConfig.client_steps`) recovers part,
+and holds the margin outright when clients (and so the simulated client) train the bottom layers only:
+their LoRA then transfers better than on OT-distilled. A LoRA-shaped simulated client at the clients'
+learning rate undoes the margin faster than the middle layers restore it (plug-in no better).
 
 Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
 task's prompts, or a text file): never client data.

@@ -23,7 +23,8 @@ class LleotConfig:
     adapter_layers_per_side / middle_keep_every: the layer-dropped emulator, as in offsite tuning.
     train_top_layers: clients train the bottom and the top adapter layers (False: the bottom ones only,
         the top ones ship frozen). Trainable top layers sit between the elevated middle block and the
-        output, where an adapter can learn to undo the elevation instead of the task.
+        output, where an adapter can learn to undo the elevation instead of the task. The simulated
+        client of `elevation.client_steps` trains the same layers.
     adapter: what clients train: a 5-token soft prompt by default, or layers / LoRA on the adapter layers.
     public_text: the server's own text for distillation, elevation and the perplexity measurement
         (`wordnet:<pos>,...`, `task:<name>` of another task, or a text file; never client data).

@@ -18,7 +18,9 @@ middle-block weights theta the only thing trained:
     and optionally (ours, elevation.client_steps) with A also drawn from a simulated client's path,
         A_{t+1} = A_t - lr * AdamW(grad_A L_emu(A_t; x)), restarted from A_0 every client_steps steps:
         random noise covers the untrained adapter only, while a trained adapter finds the direction
-        that undoes the elevation (measured: LoRA on the top layers learns that instead of the task)
+        that undoes the elevation (measured: LoRA on the top layers learns that instead of the task).
+        The client trains the layers clients do: with train_top_layers false, the bottom ones only,
+        whose update reaches the output through the middle block, where the margin can be held.
 
 If the margin is exact, L_emu(A) = L_LLM(A) + H for every A, hence
     PPL_emu = e^H * PPL_LLM           (the emulator is useless for inference: H = 4 gives ~55x)
