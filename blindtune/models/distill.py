@@ -40,7 +40,8 @@ than on either OT emulator. LoRA on the adapter layers lands between OT-uniform 
 14 of 30 layers kept, but with 18 kept it learns to undo the elevation instead of the task (plug-in
 below OT-uniform); elevating under a simulated client (`ElevationConfig.client_steps`) recovers part,
 and holds the margin outright when clients (and so the simulated client) train the bottom layers only:
-their LoRA then transfers better than on OT-distilled. A LoRA-shaped simulated client at the clients'
+their LoRA then transfers better than the same LoRA on OT-distilled (32.5% against 27.5%, PPL ratio 181).
+A LoRA-shaped simulated client at the clients'
 learning rate undoes the margin faster than the middle layers restore it (plug-in no better).
 
 Public text is the server's own (WordNet glosses of parts of speech the task does not use, another
@@ -666,7 +667,7 @@ class _SimulatedClient:
                 # peft's default A: uniform with bound 1 / sqrt(fan_in); B = 0, so the update starts at 0.
                 a = (torch.rand(rank, columns, generator=self.generator) * 2 - 1) / math.sqrt(columns)
                 self.factors.append((a, torch.zeros(rows, rank)))
-            trained = [factor for pair in self.factors for factor in pair]
+            trained = [factor for a, b in self.factors for factor in (a, b)]
         self.optimizer = torch.optim.AdamW(trained, lr=self.learning_rate)
 
     def _load(self, weights: list[Tensor]) -> None:
