@@ -838,7 +838,8 @@ def _cache_path(
 ) -> Path:
     digest = hashlib.sha256()
     digest.update(json.dumps([_CACHE_VERSION, asdict(plan), seed]).encode())
-    if client_layers is not None:  # only then, so the keys of emulators elevated before it existed still hold
+    # Only a subset of the adapter layers changes the key, so the keys of emulators cached before it existed hold.
+    if client_layers is not None and tuple(client_layers) != plan.adapter_layers:
         digest.update(json.dumps(list(client_layers)).encode())
     digest.update(json.dumps([asdict(distill) if distill else None, asdict(elevation) if elevation else None]).encode())
     digest.update("\n".join(texts).encode())

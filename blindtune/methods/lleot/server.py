@@ -79,8 +79,7 @@ def elevated_emulator(
         seed=seed,
         cache=method.cache_emulator,
         progress=progress,
-        # The simulated client trains what clients do: with frozen top layers, the bottom ones only.
-        client_layers=None if method.train_top_layers else plan.bottom,
+        client_layers=tuple(adapter_layer_map(plan, method.train_top_layers).values()),  # what clients train
     )
     return prepared, texts.heldout
 
