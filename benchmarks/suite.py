@@ -37,11 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks.common import federation_overhead, machine, pick_device, timed_exchanges
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "blindtune" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # research configs: overrides of the product configs
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PARTS = ("throughput", "scale", "utility")
 REFERENCE_METHOD = "offsite"  # its centralised row is "centralised LoRA on the pooled data"
@@ -101,14 +99,17 @@ BUDGETS = {
 
 
 def base_config(budget: str, method: str) -> dict[str, Any]:
-    """bench_<method>_<budget>.yaml, else bench_<budget>.yaml with the method swapped in."""
+    """benchmarks/configs/bench_<method>_<budget>.yaml, else bench_<budget>.yaml with the method swapped in
+    (each a product config of blindtune/configs/ with the budget's changes, resolved here)."""
+    from blindtune.config import load_config_data
+
     own = CONFIG_DIR / f"bench_{method}_{budget}.yaml"
     if own.is_file():
-        data = yaml.safe_load(own.read_text())
+        data = load_config_data(own)
         if data.get("method") != method:
             raise ValueError(f"{own} is for method {data.get('method')!r}, not {method!r}")
         return data
-    data = yaml.safe_load((CONFIG_DIR / f"bench_{budget}.yaml").read_text())
+    data = load_config_data(CONFIG_DIR / f"bench_{budget}.yaml")
     data.pop(data["method"], None)
     data["method"] = method
     return data

@@ -5,24 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from blindtune.config import ConfigError, load_run_config
+from blindtune.config import ConfigError, RunConfig, load_run_config, packaged_config, resolve_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console()
 
 DEMO_CONFIG = "offsite_wordnet_3clients.yaml"
 DEMO_QUICK_CONFIG = "offsite_wordnet_3clients_quick.yaml"
-
-
-def packaged_config(name: str) -> Path:
-    return Path(str(resources.files("blindtune") / "configs" / name))
+CONFIG_HELP = "A run config YAML: a path, or the name of a config in blindtune/configs/."
+SET_HELP = "Override one config field, e.g. --set train.steps=40 (repeatable; the value is YAML)."
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -31,16 +29,22 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool, resume: bool = False) -> None:
+def _load(config_path: Path, overrides: dict | None = None, settings: list[str] | None = None) -> RunConfig:
+    try:
+        return load_run_config(resolve_config(config_path), overrides, settings or ())
+    except ConfigError as error:
+        console.print(f"[red]config error:[/red] {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _run(
+    path: Path, out: Path, overrides: dict | None, settings: list[str] | None, verbose: bool, resume: bool = False
+) -> None:
     from blindtune.report import rich_table
     from blindtune.runner import run_experiment
 
     _setup_logging(verbose)
-    try:
-        config = load_run_config(config_path, overrides)
-    except ConfigError as error:
-        console.print(f"[red]config error:[/red] {error}")
-        raise typer.Exit(2) from None
+    config = _load(path, overrides, settings)
     console.print(f"running [bold]{config.method}[/bold] on [bold]{config.task}[/bold] -> {out}")
     results = run_experiment(config, out, resume=resume)
     console.print(rich_table(results))
@@ -51,23 +55,25 @@ def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool, re
 def demo(
     quick: Annotated[bool, typer.Option(help="Small budget: about 5 minutes on 2 CPU cores.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
+    settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Offsite tuning of SmolLM2-135M-Instruct by 3 clients on the WordNet supersense task."""
-    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, verbose)
+    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, settings, verbose)
 
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="A run config YAML (see blindtune/configs/).")],
+    config: Annotated[Path, typer.Argument(help=CONFIG_HELP)],
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/run"),
     engine: Annotated[str | None, typer.Option(help="Override federation.engine: simulation or inprocess.")] = None,
+    settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment a YAML config describes."""
     overrides = {"federation": {"engine": engine}} if engine else None
-    _run(config, out, overrides, verbose, resume)
+    _run(config, out, overrides, settings, verbose, resume)
 
 
 @app.command()
@@ -135,7 +141,7 @@ def evaluate(
 
 @app.command()
 def launch(
-    config: Annotated[Path, typer.Argument(help="A run config YAML (see blindtune/configs/).")],
+    config: Annotated[Path, typer.Argument(help=CONFIG_HELP)],
     clients: Annotated[int | None, typer.Option(help="SuperNodes to start (default: federation.num_clients).")] = None,
     out: Annotated[Path, typer.Option(help="Output directory; process logs go to OUT/logs/.")] = Path("runs/launch"),
     tls_ca_cert: Annotated[Path | None, typer.Option(help="CA certificate (PEM) the SuperNodes trust.")] = None,
@@ -144,6 +150,7 @@ def launch(
     node_auth: Annotated[bool, typer.Option(help="SuperNode authentication with per-node keys (needs TLS).")] = False,
     timeout: Annotated[float | None, typer.Option(help="Give up on the run after this many seconds.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment as a real Flower deployment: a SuperLink and one SuperNode per client, on loopback."""
@@ -159,11 +166,7 @@ def launch(
         raise typer.BadParameter("TLS needs all of --tls-ca-cert, --tls-server-cert and --tls-server-key")
     if clients is not None and clients < 1:
         raise typer.BadParameter("--clients must be >= 1")
-    try:
-        run_config = load_run_config(config)
-    except ConfigError as error:
-        console.print(f"[red]config error:[/red] {error}")
-        raise typer.Exit(2) from None
+    run_config = _load(config, settings=settings)
     count = clients or run_config.federation.num_clients
     console.print(
         f"launching [bold]{run_config.method}[/bold] on [bold]{run_config.task}[/bold]: 1 SuperLink + {count} "

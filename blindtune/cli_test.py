@@ -38,3 +38,37 @@ def test_user_errors_are_reported_without_a_traceback(tmp_path):
         done = subprocess.run([sys.executable, "-m", "blindtune.cli", *args], capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert expected in done.stdout and "Traceback" not in done.stderr
+
+
+def test_run_applies_set_overrides(monkeypatch, tmp_path):
+    import blindtune.report
+    import blindtune.runner
+
+    seen = []
+    monkeypatch.setattr(blindtune.runner, "run_experiment", lambda config, out, resume: seen.append(config) or {})
+    monkeypatch.setattr(blindtune.report, "rich_table", lambda results: "")
+    quick = "offsite_wordnet_3clients_quick.yaml"  # a packaged config's name is enough
+    settings = ["--set", "train.steps=40", "--set", "federation.rounds=6", "--set", "offsite.adapter.lora_rank=4"]
+    result = runner.invoke(app, ["run", quick, "--out", str(tmp_path), *settings])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert (config.train.steps, config.federation.rounds, config.method_config.adapter.lora_rank) == (40, 6, 4)
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--set", "train.steps=3"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].train.steps == 3 and seen[-1].federation.rounds == 2
+
+
+def test_bad_set_options_end_with_a_one_line_error():
+    import subprocess
+    import sys
+
+    for setting, expected in [
+        ("train.stepz=40", "unknown key(s) train.stepz"),
+        ("train.steps=many", "train.steps: expected int, got 'many'"),
+        ("train.steps", "expected KEY.PATH=VALUE"),
+    ]:
+        args = ["run", "offsite_wordnet_3clients_quick.yaml", "--set", setting]
+        done = subprocess.run([sys.executable, "-m", "blindtune.cli", *args], capture_output=True, text=True)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert expected in done.stdout and len(done.stdout.strip().splitlines()) == 1, done.stdout
+        assert "Traceback" not in done.stderr

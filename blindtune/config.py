@@ -13,7 +13,9 @@ import enum
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -174,7 +176,40 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_run_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()
+) -> RunConfig:
+    """Load a config file; `overrides` (a nested mapping) and then `settings` (`KEY.PATH=VALUE`) win over it."""
+    path = Path(path)
+    data = merge(merge(load_config_data(path), overrides or {}), parse_settings(settings))
+    try:
+        return run_config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+PACKAGED_CONFIGS = "configs"  # folder of blindtune's product configs, shipped as package data
+BASE_KEY = "base"  # a config file may name another one it changes: `base: offsite_wordnet_3clients_quick.yaml`
+
+
+def packaged_config(name: str) -> Path:
+    """A product config shipped in the package (`blindtune/configs/NAME`)."""
+    return Path(str(resources.files("blindtune") / PACKAGED_CONFIGS / name))
+
+
+def resolve_config(name: str | Path, directory: Path | None = None) -> Path:
+    """`name` as a path (relative to `directory`, default the working directory) if that file exists, else
+    the packaged config of that name, else the path (so the error names what was asked for)."""
+    path = (directory or Path.cwd()) / Path(name).expanduser()
+    if path.is_file():
+        return path
+    packaged = packaged_config(str(name))
+    return packaged if packaged.is_file() else path
+
+
+def load_config_data(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The plain mapping a config file describes. A file with `base: OTHER.yaml` is that config (a path
+    relative to the file, or a packaged config's name) with the file's other keys merged over it."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -182,10 +217,43 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"cannot read {path}: {error}") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    try:
-        return run_config_from_dict(merge(data or {}, overrides or {}))
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from error
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a mapping, got {type(data).__name__}")
+    if BASE_KEY not in data:
+        return data
+    data = dict(data)
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY}: expected the name or path of a config file, got {base!r}")
+    base_path = resolve_config(base, path.parent)
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{path}: {BASE_KEY}: {base} is based on this file (a cycle)")
+    return merge(load_config_data(base_path, chain), data)
+
+
+def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
+    """`["train.steps=40", "offsite.adapter.lora_rank=4"]` -> the nested mapping that `merge` applies. Values
+    are YAML (`40`, `0.002`, `true`, `null`, `[2, 8]`, `simulation`), typed later by the strict conversion."""
+    nested: dict[str, Any] = {}
+    for setting in settings:
+        key, equals, text = setting.partition("=")
+        names = key.strip().split(".")
+        if not equals or not all(name.strip() for name in names):
+            raise ConfigError(f"--set {setting!r}: expected KEY.PATH=VALUE, e.g. train.steps=40")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {setting!r}: the value is not valid YAML: {error}".splitlines()[0]) from error
+        *parents, leaf = (name.strip() for name in names)
+        level = nested
+        for depth, name in enumerate(parents):
+            level = level.setdefault(name, {})
+            if not isinstance(level, dict):
+                raise ConfigError(f"--set {setting!r}: {'.'.join(names[: depth + 1])} is already set to a value")
+        level[leaf] = value
+    return nested
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -207,9 +275,8 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{path or 'config'}: unknown key(s) {', '.join(unknown)}; expected one of {', '.join(sorted(fields))}"
-        )
+        names = ", ".join(f"{path}.{key}" if path else str(key) for key in unknown)
+        raise ConfigError(f"unknown key(s) {names}; {path or 'config'} has {', '.join(sorted(fields))}")
     values = {name: _convert(hints[name], value, f"{path}.{name}" if path else name) for name, value in data.items()}
     try:
         return cls(**values)
