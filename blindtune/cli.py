@@ -188,8 +188,8 @@ def audit(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Privacy audits of finished runs: update results.json's `privacy` section and report.md's table."""
-    from blindtune.privacy.audit import audit_run
-    from blindtune.privacy.report import privacy_markdown, privacy_row
+    from blindtune.audits.audit import audit_run
+    from blindtune.audits.report import privacy_markdown, privacy_row
 
     _setup_logging(verbose)
     audited = []

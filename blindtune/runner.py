@@ -14,8 +14,8 @@ from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_part
 from blindtune.federation.engine import run_federation
 from blindtune.methods import get_method
 from blindtune.methods.base import BaselineInputs
-from blindtune.privacy.audit import run_audits
-from blindtune.privacy.report import add_privacy_section
+from blindtune.audits.audit import run_audits
+from blindtune.audits.report import add_privacy_section
 from blindtune.report import write_report
 
 log = logging.getLogger(__name__)

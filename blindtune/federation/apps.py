@@ -24,9 +24,9 @@ from blindtune.federation.rounds import Exchange
 from blindtune.methods import get_method
 from blindtune.methods.base import ClientRun, ServerRun
 from blindtune.privacy.accountant import reset_accountant
-from blindtune.privacy.audit import server_privacy_results
+from blindtune.audits.audit import server_privacy_results
 from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
-from blindtune.privacy.ledger_check import TrafficAudit
+from blindtune.audits.ledger_check import TrafficAudit
 from blindtune.privacy.secagg import client_mods
 
 log = logging.getLogger(__name__)

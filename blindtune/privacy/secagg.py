@@ -49,7 +49,7 @@ from blindtune.federation.records import RecordKey, arrays, number, tensors_to_r
 from blindtune.federation.rounds import Exchange, TooFewClientsError
 from blindtune.models.adapters import AdapterState
 from blindtune.privacy.config import SecAggConfig
-from blindtune.privacy.grids import DelegatingGrid
+from blindtune.federation.grids import DelegatingGrid
 
 log = logging.getLogger(__name__)
 

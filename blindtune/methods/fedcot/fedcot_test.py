@@ -26,7 +26,7 @@ from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, hand_out_content
 from blindtune.methods.fedcot.sweep import finished_run, markdown_table, parse_epsilons, plot
 from blindtune.models import tiny_model
 from blindtune.models.loading import LoadedModel
-from blindtune.privacy.ledger_check import ReceivedText, TrafficAudit, check
+from blindtune.audits.ledger_check import ReceivedText, TrafficAudit, check
 from blindtune.training import TrainConfig, train
 from blindtune.training.loop import AuxiliaryTask
 

@@ -50,7 +50,7 @@ from blindtune.models.adapters import AdapterState, untrained_adapter_state
 from blindtune.models.artefact import describe, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import build_emulator, num_decoder_layers, plan_layers
-from blindtune.privacy.audit import METHOD_PRIVACY
+from blindtune.audits.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blindtune.config import RunConfig, load_run_config
-from blindtune.privacy.audit import METHOD_PRIVACY
+from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.runner import run_experiment
 
 SWEEP_JSON = "sweep.json"

@@ -9,7 +9,7 @@ from blindtune.config import ConfigError, run_config_from_dict
 from blindtune.federation.checkpoint import latest_checkpoint
 from blindtune.models import tiny_model
 from blindtune.models.adapters import AdapterKind
-from blindtune.privacy.audit import METHOD_PRIVACY
+from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.runner import run_experiment
 
 

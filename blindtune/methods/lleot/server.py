@@ -56,7 +56,7 @@ from blindtune.models.distill import (
 )
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, adapter_layer_map, build_emulator, num_decoder_layers, plan_layers
-from blindtune.privacy.audit import METHOD_PRIVACY
+from blindtune.audits.audit import METHOD_PRIVACY
 
 
 def emulator_plan(llm: LoadedModel, method: LleotConfig) -> LayerPlan:

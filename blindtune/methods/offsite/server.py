@@ -26,7 +26,7 @@ from blindtune.models.adapters import untrained_adapter_state
 from blindtune.models.distill import adapter_gradient_cosine, leakage_report, prepare_emulator, public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, adapter_layer_map, build_emulator, num_decoder_layers, plan_layers
-from blindtune.privacy.audit import METHOD_PRIVACY
+from blindtune.audits.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig

@@ -2,9 +2,9 @@
 
 - `dp`, `server_dp`, `secagg`: what the run's protections spent, from the clients' accountants (each
   client reports its epsilon with every update) and the server's round loop;
-- `ledger`: the ledger check (`blindtune.privacy.ledger_check`), done while the run ran;
+- `ledger`: the ledger check (`blindtune.audits.ledger_check`), done while the run ran;
 - `membership_inference`: loss and reference loss-ratio attacks on the LLM with the final adapter
-  plugged in (`blindtune.privacy.mia`); members are client training examples, non-members the task's
+  plugged in (`blindtune.audits.mia`); members are client training examples, non-members the task's
   held-out (validation and test) examples, as many as members;
 - `misuse`: the artefact the server handed out (emulator, proxy) as a standalone model: its accuracy
   alone and with the final adapter, against the LLM's and the plug-in's, and its perplexity on
@@ -31,8 +31,8 @@ from blindtune.config import RunConfig
 from blindtune.data import Example, load_task
 from blindtune.encoding import pad_right
 from blindtune.privacy.context import PrivacyNotAppliedError, ServerPrivacy
-from blindtune.privacy.ledger_check import TrafficAudit, check
-from blindtune.privacy.mia import example_losses, membership_inference
+from blindtune.audits.ledger_check import TrafficAudit, check
+from blindtune.audits.mia import example_losses, membership_inference
 
 if TYPE_CHECKING:
     from blindtune.models.loading import LoadedModel
@@ -316,7 +316,7 @@ def run_audits(
 def audit_run(run_dir: Path, *, membership: bool = True, misuse: bool = True, progress: bool = False) -> dict[str, Any]:
     """Audit a finished run directory again: rewrite its results.json `privacy` section and report.md."""
     from blindtune.config import run_config_from_dict
-    from blindtune.privacy.report import add_privacy_section
+    from blindtune.audits.report import add_privacy_section
     from blindtune.report import write_report
 
     results_file = run_dir / "results.json"

@@ -4,7 +4,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from blindtune.data import Example
-from blindtune.privacy.ledger_check import TrafficAudit, check, private_fragments
+from blindtune.audits.ledger_check import TrafficAudit, check, private_fragments
 
 TEMPLATE = "Category (one of: animal, plant):"
 CLIENTS = [
