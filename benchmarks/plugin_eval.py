@@ -18,11 +18,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from blindtune.audits.audit import final_adapter, plugged_final_adapter
 from blindtune.config import RunConfig, run_config_from_dict
 from blindtune.data import load_task
 from blindtune.models import load_model
 from blindtune.models.loading import LoadedModel
-from blindtune.audits.audit import final_adapter, plugged_final_adapter
 
 
 def interval(accuracy: float, examples: int) -> float:

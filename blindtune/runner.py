@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blindtune.audits.audit import run_audits
+from blindtune.audits.report import add_privacy_section
 from blindtune.config import RunConfig, run_config_from_dict
 from blindtune.data import load_task
 from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_partitions
 from blindtune.federation.engine import run_federation
 from blindtune.methods import get_method
 from blindtune.methods.base import BaselineInputs
-from blindtune.audits.audit import run_audits
-from blindtune.audits.report import add_privacy_section
 from blindtune.report import write_report
 
 log = logging.getLogger(__name__)

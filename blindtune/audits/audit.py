@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from blindtune.audits.ledger_check import TrafficAudit, check
+from blindtune.audits.mia import example_losses, membership_inference
 from blindtune.config import RunConfig
 from blindtune.data import Example, load_task
 from blindtune.encoding import pad_right
 from blindtune.privacy.context import PrivacyNotAppliedError, ServerPrivacy
-from blindtune.audits.ledger_check import TrafficAudit, check
-from blindtune.audits.mia import example_losses, membership_inference
 
 if TYPE_CHECKING:
     from blindtune.models.loading import LoadedModel
@@ -315,8 +315,8 @@ def run_audits(
 
 def audit_run(run_dir: Path, *, membership: bool = True, misuse: bool = True, progress: bool = False) -> dict[str, Any]:
     """Audit a finished run directory again: rewrite its results.json `privacy` section and report.md."""
-    from blindtune.config import run_config_from_dict
     from blindtune.audits.report import add_privacy_section
+    from blindtune.config import run_config_from_dict
     from blindtune.report import write_report
 
     results_file = run_dir / "results.json"

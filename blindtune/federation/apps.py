@@ -15,6 +15,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from blindtune.audits.audit import server_privacy_results
+from blindtune.audits.ledger_check import TrafficAudit
 from blindtune.config import RunConfig
 from blindtune.data import Example, load_task
 from blindtune.data.partition import partition
@@ -24,9 +26,7 @@ from blindtune.federation.rounds import Exchange
 from blindtune.methods import get_method
 from blindtune.methods.base import ClientRun, ServerRun
 from blindtune.privacy.accountant import reset_accountant
-from blindtune.audits.audit import server_privacy_results
 from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
-from blindtune.audits.ledger_check import TrafficAudit
 from blindtune.privacy.secagg import client_mods
 
 log = logging.getLogger(__name__)

@@ -44,12 +44,12 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from blindtune.federation.grids import DelegatingGrid
 from blindtune.federation.ledger import Direction, Ledger
 from blindtune.federation.records import RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
 from blindtune.models.adapters import AdapterState
 from blindtune.privacy.config import SecAggConfig
-from blindtune.federation.grids import DelegatingGrid
 
 log = logging.getLogger(__name__)
 

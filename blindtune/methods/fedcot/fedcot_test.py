@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from blindtune.audits.ledger_check import ReceivedText, TrafficAudit, check
 from blindtune.conftest import tiny_run_config
 from blindtune.data import Example, load_task
 from blindtune.federation.records import MessageKind, RecordKey
@@ -26,7 +27,6 @@ from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, hand_out_content
 from blindtune.methods.fedcot.sweep import finished_run, markdown_table, parse_epsilons, plot
 from blindtune.models import tiny_model
 from blindtune.models.loading import LoadedModel
-from blindtune.audits.ledger_check import ReceivedText, TrafficAudit, check
 from blindtune.training import TrainConfig, train
 from blindtune.training.loop import AuxiliaryTask
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
+from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.data import load_task
 from blindtune.federation.adapter_rounds import (
     ADAPTER_POSITIONS,
@@ -50,7 +51,6 @@ from blindtune.models.adapters import AdapterState, untrained_adapter_state
 from blindtune.models.artefact import describe, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import build_emulator, num_decoder_layers, plan_layers
-from blindtune.audits.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig

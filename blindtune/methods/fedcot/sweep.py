@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import RunConfig, load_run_config
 from blindtune.audits.audit import METHOD_PRIVACY
+from blindtune.config import RunConfig, load_run_config
 from blindtune.runner import run_experiment
 
 SWEEP_JSON = "sweep.json"

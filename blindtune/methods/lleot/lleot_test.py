@@ -5,11 +5,11 @@ import math
 
 import pytest
 
+from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.config import ConfigError, run_config_from_dict
 from blindtune.federation.checkpoint import latest_checkpoint
 from blindtune.models import tiny_model
 from blindtune.models.adapters import AdapterKind
-from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.runner import run_experiment
 
 

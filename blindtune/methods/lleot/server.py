@@ -40,6 +40,7 @@ from typing import Any
 
 from torch import nn
 
+from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.data import load_task
 from blindtune.federation.adapter_rounds import hand_out
 from blindtune.methods.adapter_tuning import federate
@@ -56,7 +57,6 @@ from blindtune.models.distill import (
 )
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, adapter_layer_map, build_emulator, num_decoder_layers, plan_layers
-from blindtune.audits.audit import METHOD_PRIVACY
 
 
 def emulator_plan(llm: LoadedModel, method: LleotConfig) -> LayerPlan:

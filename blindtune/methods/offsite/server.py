@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from blindtune.audits.audit import METHOD_PRIVACY
 from blindtune.data import load_task
 from blindtune.federation.adapter_rounds import hand_out
 from blindtune.methods.adapter_tuning import federate
@@ -26,7 +27,6 @@ from blindtune.models.adapters import untrained_adapter_state
 from blindtune.models.distill import adapter_gradient_cosine, leakage_report, prepare_emulator, public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, adapter_layer_map, build_emulator, num_decoder_layers, plan_layers
-from blindtune.audits.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
