@@ -25,12 +25,13 @@ from blindtune.federation.checkpoint import latest_checkpoint, save_checkpoint
 from blindtune.federation.ledger import Direction
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
+from blindtune.federation.secagg import secure_round
 from blindtune.federation.strategies import FedAvg
 from blindtune.models.adapters import AdapterState
 from blindtune.models.artefact import ArtefactSpec, describe, load_artefact, save_artefact, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.context import active_client_privacy, active_server_privacy, require_client_dp
-from blindtune.privacy.secagg import secagg_summary, secure_round
+from blindtune.privacy.secagg import secagg_summary
 from blindtune.privacy.server_dp import ServerSideDP
 from blindtune.training import TrainConfig, train
 
@@ -156,11 +157,13 @@ def run_rounds(
                 )
             if server_dp is not None:  # clipped, uniformly averaged, noised: Flower's DP wrapper
                 names = strategy.returned_names(outcome.state)
-                outcome.state = server_dp.aggregate(round_number, kept, outcome.state, names, exchange.grid)
+                states = {update.node_id: update.state for update in kept}
+                outcome.state = server_dp.aggregate(round_number, states, outcome.state, names, exchange.grid)
             else:
                 outcome.state = strategy.aggregate(kept, outcome.state)
             kept_nodes = {update.node_id for update in kept}
-        dp_epsilon = require_client_dp(privacy, replies, kept_nodes, round_number)  # None: client DP is off
+        used_metrics = {node: replies[node].metric_records.get(RecordKey.METRICS) for node in kept_nodes}
+        dp_epsilon = require_client_dp(privacy, used_metrics, round_number)  # None: client DP is off
         for node, reply in replies.items():
             outcome.clients.append(
                 {

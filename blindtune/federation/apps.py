@@ -23,11 +23,11 @@ from blindtune.data.partition import partition
 from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
+from blindtune.federation.secagg import client_mods
 from blindtune.methods import get_method
 from blindtune.methods.base import ClientRun, ServerRun
 from blindtune.privacy.accountant import reset_accountant
 from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
-from blindtune.privacy.secagg import client_mods
 
 log = logging.getLogger(__name__)
 
