@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from blindtune.audits.audit import final_adapter, plugged_final_adapter
-from blindtune.config import RunConfig, run_config_from_dict
+from blindtune.config import RunConfig
 from blindtune.data import load_task
+from blindtune.methods import run_config_from_dict
 from blindtune.models import load_model
 from blindtune.models.loading import LoadedModel
 

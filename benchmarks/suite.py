@@ -164,7 +164,8 @@ def run_one(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One experiment (or its results from an earlier suite run with the same config)."""
-    from blindtune.config import merge, run_config_from_dict
+    from blindtune.config import merge
+    from blindtune.methods import run_config_from_dict
     from blindtune.runner import run_experiment
 
     data = merge(

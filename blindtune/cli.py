@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from blindtune.config import ConfigError, load_run_config
+from blindtune.config import ConfigError
+from blindtune.methods import load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console()
@@ -148,8 +149,8 @@ def launch(
 ) -> None:
     """Run the experiment as a real Flower deployment: a SuperLink and one SuperNode per client, on loopback."""
     from blindtune.federation.deployment import DeploymentError, DeploymentOptions, TlsFiles
-    from blindtune.federation.deployment import launch as launch_deployment
     from blindtune.report import rich_table
+    from blindtune.runner import launch as launch_deployment
 
     _setup_logging(verbose)
     tls = None

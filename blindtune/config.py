@@ -1,9 +1,11 @@
 """Typed run configuration, loaded from YAML with unknown keys rejected.
 
 A run config names a method and carries the shared sections (model, task, federation, training,
-evaluation) plus one section for the method, whose dataclass the method registers. Loading is a
-strict recursive conversion of plain YAML data into those dataclasses: a misspelt key, a wrong type
-or an invalid enum value stops the run with the path of the offending key.
+evaluation) plus one section for the method, whose dataclass the caller supplies (`method_sections`:
+`blindtune.methods.config_class`, so the methods layer types its own sections and this module
+knows no method). Loading is a strict recursive conversion of plain YAML data into those
+dataclasses: a misspelt key, a wrong type or an invalid enum value stops the run with the path of
+the offending key.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import enum
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +33,9 @@ from blindtune.training.loop import TrainConfig
 
 T = TypeVar("T")
 
+# A method's name -> the dataclass of its config section (raises for an unknown method).
+MethodSections = Callable[[str], type[Any]]
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key path."""
@@ -45,6 +51,7 @@ class FederationConfig:
     partition: how the task's train split is divided among clients: `iid` or `dirichlet` (label skew).
     dirichlet_alpha: concentration for `dirichlet` partitions (small = more skew).
     engine: `simulation` (Flower's simulation engine) or `inprocess` (same apps, no Ray; for tests).
+        A deployment (SuperLink and SuperNodes as processes) is `blindtune launch`, not an engine value.
     max_update_norm_ratio: updates whose norm exceeds this multiple of the median are rejected.
     client_timeout_seconds: a client that has not replied by then is dropped from the round.
     strategy: aggregation: `fedavg`, `fedprox`, `ffa_lora` (A frozen, only B trained and sent),
@@ -160,21 +167,22 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig; the method's section is parsed with the dataclass its method registered."""
-    from blindtune.methods import get_method
-
+def run_config_from_dict(data: dict[str, Any], method_sections: MethodSections) -> RunConfig:
+    """Build a RunConfig; the method's section is parsed with the dataclass `method_sections` names."""
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError("a run config is a mapping with at least a `method` key")
-    spec = get_method(str(data["method"]))
+    method = str(data["method"])
+    section_class = method_sections(method)
     data = dict(data)
-    method_section = data.pop(spec.name, {}) or {}
+    method_section = data.pop(method, {}) or {}
     config = from_dict(RunConfig, data)
-    config.method_config = from_dict(spec.config_class, method_section, path=spec.name)
+    config.method_config = from_dict(section_class, method_section, path=method)
     return config
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_run_config(
+    path: str | Path, method_sections: MethodSections, overrides: dict[str, Any] | None = None
+) -> RunConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -183,7 +191,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     try:
-        return run_config_from_dict(merge(data or {}, overrides or {}))
+        return run_config_from_dict(merge(data or {}, overrides or {}), method_sections)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
 

@@ -1,9 +1,12 @@
+import dataclasses
+
 import pytest
 import yaml
 
-from blindtune.config import ConfigError, load_run_config, run_config_from_dict
+from blindtune import config as config_module
+from blindtune.config import ConfigError
 from blindtune.federation.strategies import StrategyName
-from blindtune.methods import UnknownMethodError
+from blindtune.methods import UnknownMethodError, load_run_config, run_config_from_dict
 from blindtune.models.adapters import AdapterKind
 
 
@@ -57,6 +60,11 @@ def test_sections_become_typed_objects_and_round_trip():
         ({"method": "offsite", "offsite": {"adapter": {"rank": 3}}}, "offsite.adapter: unknown key(s) rank"),
         ({"method": "offsite", "train": {"steps": "many"}}, "train.steps: expected int"),
         ({"method": "offsite", "federation": {"engine": "warp"}}, "federation.engine: 'warp' is not one of"),
+        # A deployment is `blindtune launch`'s, which `blindtune run` cannot serve: not an engine value.
+        (
+            {"method": "offsite", "federation": {"engine": "deployment"}},
+            "federation.engine: 'deployment' is not one of simulation, inprocess",
+        ),
         ({"method": "offsite", "federation": {"num_clients": 0}}, "num_clients"),
         ({"method": "offsite", "federation": {"client_lora_ranks": [2, 4]}}, "needs strategy: flora"),
         ({"method": "offsite", "seed": None}, "seed: expected int, got None"),
@@ -82,3 +90,14 @@ def test_overrides_merge_into_the_file(tmp_path):
     path = _write(tmp_path, {"method": "offsite", "federation": {"rounds": 5, "num_clients": 4}})
     config = load_run_config(path, {"federation": {"engine": "inprocess"}})
     assert config.federation.rounds == 5 and config.federation.engine.value == "inprocess"
+
+
+def test_the_method_section_is_typed_by_the_class_the_caller_names():
+    @dataclasses.dataclass
+    class Section:
+        depth: int = 1
+
+    data = {"method": "toy", "toy": {"depth": 3}}
+    assert config_module.run_config_from_dict(data, lambda name: Section).method_config == Section(depth=3)
+    with pytest.raises(ConfigError, match="toy: unknown key"):
+        config_module.run_config_from_dict({"method": "toy", "toy": {"width": 3}}, lambda name: Section)

@@ -45,7 +45,7 @@ ADAPTER_SOURCES = "adapter_sources"
 ROUND = "round"
 SEED = "seed"
 PROXIMAL_MU = "proximal_mu"
-_LAYER_MAP_FILE = "adapter_layers.json"
+LAYER_MAP_FILE = "adapter_layers.json"
 
 
 # ---- server side -------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def store_artefact(content: RecordDict, workdir: Path) -> RecordDict:
     instructions = content[RecordKey.INSTRUCTIONS]
     positions = [int(p) for p in instructions[ADAPTER_POSITIONS]]  # type: ignore[union-attr]
     sources = [int(s) for s in instructions[ADAPTER_SOURCES]]  # type: ignore[union-attr]
-    (workdir / _LAYER_MAP_FILE).write_text(json.dumps(dict(zip(positions, sources, strict=True))))
+    (workdir / LAYER_MAP_FILE).write_text(json.dumps(dict(zip(positions, sources, strict=True))))
     return RecordDict(
         {RecordKey.METRICS: MetricRecord({"artefact_parameters": sum(t.numel() for t in tensors.values())})}
     )
@@ -250,7 +250,7 @@ def train_round(
     """Load the stored artefact, attach the global adapter as the strategy says, train on private
     examples, reply with the trained part of the adapter."""
     artefact = load_artefact(workdir)
-    layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
+    layer_map = {int(k): v for k, v in json.loads((workdir / LAYER_MAP_FILE).read_text()).items()}
     seed = int(number(content, RecordKey.INSTRUCTIONS, SEED))
     round_number = int(number(content, RecordKey.INSTRUCTIONS, ROUND))
     adapted = strategy.prepare_client(artefact.model, arrays(content, RecordKey.ADAPTER), layer_map, lora_rank, seed)
