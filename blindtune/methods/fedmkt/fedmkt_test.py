@@ -22,16 +22,16 @@ from blindtune.methods.fedmkt.knowledge import (
     teacher_weights,
 )
 from blindtune.methods.fedmkt.server import average_slms, compressed_slm
-from blindtune.models import load_model, tiny_model
-from blindtune.models.artefact import build_from_parts, describe, unique_state_dict
-from blindtune.models.surgery import num_decoder_layers
-from blindtune.models.token_alignment import (
+from blindtune.methods.fedmkt.token_alignment import (
     NonFiniteKnowledgeError,
     TopK,
     VocabMap,
     canonical_vocab,
     load_wordpiece_tokenizer,
 )
+from blindtune.models import load_model, tiny_model
+from blindtune.models.artefact import build_from_parts, describe, unique_state_dict
+from blindtune.models.surgery import num_decoder_layers
 from blindtune.runner import run_experiment
 
 PUBLIC = [

@@ -50,6 +50,7 @@ from blindtune.methods.fedmkt.knowledge import (
     teacher_weights,
     tokenizer_from_record,
 )
+from blindtune.methods.fedmkt.token_alignment import VocabMap, build_vocab_map, vocab_fingerprint
 from blindtune.models import load_model
 from blindtune.models.adapters import attach_adapter
 from blindtune.models.artefact import describe, unique_state_dict
@@ -57,7 +58,6 @@ from blindtune.models.compression import prepare_proxy
 from blindtune.models.distill import public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import build_emulator, num_decoder_layers, plan_layers
-from blindtune.models.token_alignment import VocabMap, build_vocab_map, vocab_fingerprint
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
