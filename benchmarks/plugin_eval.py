@@ -42,7 +42,10 @@ def rescore(run_dir: Path, limit: int, models: dict[str, LoadedModel] | None = N
         models[config.model] = load_model(config.model)
     llm = models[config.model]  # the plug-in below restores its weights on exit
     llm_accuracy = evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True)
-    with plugged_final_adapter(config, llm, final_adapter(run_dir)) as adapted:
+    plugged = plugged_final_adapter(config, llm, final_adapter(run_dir))
+    if plugged is None:
+        raise ValueError(f"{run_dir}: method {config.method!r} plugs no adapter into the LLM")
+    with plugged as adapted:
         plugin = evaluate(adapted, llm.tokenizer, f"plug-in {run_dir.name}")
     recorded = json.loads((run_dir / "results.json").read_text())["metrics"]["plugin"]
     return {

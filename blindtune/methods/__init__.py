@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from blindtune import config
+from blindtune import config as run_config
 from blindtune.methods.base import Method
 
 _METHODS: dict[str, Method] = {}
@@ -35,14 +35,14 @@ def config_class(name: str) -> type[Any]:
     return get_method(name).config_class
 
 
-def run_config_from_dict(data: dict[str, Any]) -> config.RunConfig:
+def run_config_from_dict(data: dict[str, Any]) -> run_config.RunConfig:
     """A RunConfig from plain data, the method's section typed by its method."""
-    return config.run_config_from_dict(data, config_class)
+    return run_config.run_config_from_dict(data, config_class)
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> config.RunConfig:
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> run_config.RunConfig:
     """A run config YAML file (with `overrides` merged in), the method's section typed by its method."""
-    return config.load_run_config(path, config_class, overrides)
+    return run_config.load_run_config(path, config_class, overrides)
 
 
 def method_names() -> list[str]:
