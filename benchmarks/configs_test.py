@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blindtune.config import BASE_KEY, load_run_config, packaged_config
+from blindtune.config import BASE_KEY, packaged_config
+from blindtune.methods import load_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

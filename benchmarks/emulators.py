@@ -28,22 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blindtune.cli import packaged_config
-from blindtune.config import EvalConfig, load_run_config
+from blindtune.config import EvalConfig, packaged_config
 from blindtune.data import load_task
+from blindtune.eval.leakage import adapter_gradient_cosine, cpl, perplexities
+from blindtune.methods import load_run_config
 from blindtune.methods.lleot.config import LleotConfig
+from blindtune.methods.lleot.elevation import Elevation, ElevationConfig
 from blindtune.methods.lleot.server import emulator_plan
 from blindtune.models import load_model
 from blindtune.models.adapters import AdapterConfig, AdapterKind, untrained_adapter_state
-from blindtune.models.distill import (
-    DistillConfig,
-    ElevationConfig,
-    adapter_gradient_cosine,
-    cpl,
-    perplexities,
-    prepare_emulator,
-    public_texts,
-)
+from blindtune.models.distill import DistillConfig, prepare_emulator, public_texts
 from blindtune.models.surgery import adapter_layer_map, build_emulator
 
 GRADIENT_ADAPTERS = {
@@ -101,7 +95,7 @@ def measure(config_path: Path, tasks: list[str], limit: int, jitters: list[float
             llm.tokenizer,
             texts.train,
             distill=variant.distill,
-            elevation=variant.elevation,
+            then=Elevation(variant.elevation) if variant.elevation is not None else None,
             seed=config.seed,
             progress=False,
         )

@@ -26,7 +26,9 @@ def test_every_emulator_is_measured_and_tabulated(tmp_path, monkeypatch):
     assert names == ["OT-uniform", "OT-distilled", "LLEOT", "LLEOT, J = 0.5"]
     for row in results["emulators"]:
         assert row["ppl_ratio"] > 0 and set(row["gradient_cosine"]) == {"soft prompt", "LoRA"}
-        assert all(-1.0 <= cosine <= 1.0 for cosine in row["gradient_cosine"].values())
+    # each emulator is measured on its own: untrained, distilled and elevated differ, and so do their
+    # perplexities (one AdamW step moves each weight by about the learning rate, whatever J is)
+    assert len({row["emulator_ppl"] for row in results["emulators"][:3]}) == 3
     assert "expected_ppl_ratio" not in results["emulators"][1] and "expected_ppl_ratio" in results["emulators"][2]
     table = markdown(results)
     assert table.count("\n| ") == 2 + len(names) and "LLEOT, J = 0.5" in table

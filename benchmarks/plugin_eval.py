@@ -18,11 +18,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import RunConfig, run_config_from_dict
+from blindtune.audits.audit import final_adapter, plugged_final_adapter
+from blindtune.config import RunConfig
 from blindtune.data import load_task
+from blindtune.methods import run_config_from_dict
 from blindtune.models import load_model
 from blindtune.models.loading import LoadedModel
-from blindtune.privacy.audit import final_adapter, plugged_final_adapter
 
 
 def interval(accuracy: float, examples: int) -> float:
@@ -41,7 +42,10 @@ def rescore(run_dir: Path, limit: int, models: dict[str, LoadedModel] | None = N
         models[config.model] = load_model(config.model)
     llm = models[config.model]  # the plug-in below restores its weights on exit
     llm_accuracy = evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True)
-    with plugged_final_adapter(config, llm, final_adapter(run_dir)) as adapted:
+    plugged = plugged_final_adapter(config, llm, final_adapter(run_dir))
+    if plugged is None:
+        raise ValueError(f"{run_dir}: method {config.method!r} plugs no adapter into the LLM")
+    with plugged as adapted:
         plugin = evaluate(adapted, llm.tokenizer, f"plug-in {run_dir.name}")
     recorded = json.loads((run_dir / "results.json").read_text())["metrics"]["plugin"]
     return {

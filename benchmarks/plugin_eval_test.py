@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.plugin_eval import markdown, rescore
-from blindtune.config import run_config_from_dict
+from blindtune.methods import run_config_from_dict
 from blindtune.models import tiny_model
 from blindtune.runner import run_experiment
 

@@ -60,7 +60,7 @@ def run_point(model_dir: Path, num_clients: int, engine: str, out_dir: Path) -> 
     """One experiment in this process (called in the child): timings, ledger, overhead."""
     import os
 
-    from blindtune.config import run_config_from_dict
+    from blindtune.methods import run_config_from_dict
     from blindtune.runner import run_experiment
 
     config = run_config_from_dict(point_config(model_dir, num_clients, engine))

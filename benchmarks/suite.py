@@ -116,19 +116,17 @@ def base_config(budget: str, method: str) -> dict[str, Any]:
 
 
 def method_task_kinds(method_name: str) -> set[str]:
-    """Task kinds a method is benchmarked on: its `task_kinds` attribute, else multiple choice only."""
-    from blindtune.data import TaskKind
+    """Task kinds a method is benchmarked on (its `task_kinds`)."""
     from blindtune.methods import get_method
 
-    kinds = getattr(get_method(method_name), "task_kinds", None) or (TaskKind.MULTIPLE_CHOICE,)
-    return {str(kind) for kind in kinds}
+    return {str(kind) for kind in get_method(method_name).task_kinds}
 
 
 def method_result_name(method_name: str) -> str:
-    """What a method's `metrics.plugin` measures: `plug-in` (the adapted LLM) unless it says otherwise."""
+    """What a method's `metrics.plugin` measures (its `result_name`: `plug-in`, the adapted LLM, by default)."""
     from blindtune.methods import get_method
 
-    return str(getattr(get_method(method_name), "result_name", "plug-in"))
+    return get_method(method_name).result_name
 
 
 def task_status(task: str) -> tuple[str | None, str | None]:
@@ -165,7 +163,8 @@ def run_one(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One experiment (or its results from an earlier suite run with the same config)."""
-    from blindtune.config import merge, run_config_from_dict
+    from blindtune.config import merge
+    from blindtune.methods import run_config_from_dict
     from blindtune.runner import run_experiment
 
     data = merge(

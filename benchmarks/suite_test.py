@@ -22,7 +22,7 @@ from benchmarks.suite import (
     summary_rows,
     write_page,
 )
-from blindtune.config import load_run_config, run_config_from_dict
+from blindtune.methods import load_run_config, run_config_from_dict
 
 
 def fake_run(method: str, task: str, seed: int, plugin: float, **metrics: float) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from blindtune.config import ConfigError, RunConfig, load_run_config, packaged_config, resolve_config
+from blindtune.config import ConfigError, RunConfig, packaged_config, resolve_config
+from blindtune.methods import load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console()
@@ -155,8 +156,8 @@ def launch(
 ) -> None:
     """Run the experiment as a real Flower deployment: a SuperLink and one SuperNode per client, on loopback."""
     from blindtune.federation.deployment import DeploymentError, DeploymentOptions, TlsFiles
-    from blindtune.federation.deployment import launch as launch_deployment
     from blindtune.report import rich_table
+    from blindtune.runner import launch as launch_deployment
 
     _setup_logging(verbose)
     tls = None
@@ -191,8 +192,8 @@ def audit(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Privacy audits of finished runs: update results.json's `privacy` section and report.md's table."""
-    from blindtune.privacy.audit import audit_run
-    from blindtune.privacy.report import privacy_markdown, privacy_row
+    from blindtune.audits.audit import audit_run
+    from blindtune.audits.report import privacy_markdown, privacy_row
 
     _setup_logging(verbose)
     audited = []

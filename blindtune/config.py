@@ -1,9 +1,11 @@
 """Typed run configuration, loaded from YAML with unknown keys rejected.
 
 A run config names a method and carries the shared sections (model, task, federation, training,
-evaluation) plus one section for the method, whose dataclass the method registers. Loading is a
-strict recursive conversion of plain YAML data into those dataclasses: a misspelt key, a wrong type
-or an invalid enum value stops the run with the path of the offending key.
+evaluation) plus one section for the method, whose dataclass the caller supplies (`method_sections`:
+`blindtune.methods.config_class`, so the methods layer types its own sections and this module
+knows no method). Loading is a strict recursive conversion of plain YAML data into those
+dataclasses: a misspelt key, a wrong type or an invalid enum value stops the run with the path of
+the offending key.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import enum
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,6 +34,9 @@ from blindtune.training.loop import TrainConfig
 
 T = TypeVar("T")
 
+# A method's name -> the dataclass of its config section (raises for an unknown method).
+MethodSections = Callable[[str], type[Any]]
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key path."""
@@ -47,6 +52,7 @@ class FederationConfig:
     partition: how the task's train split is divided among clients: `iid` or `dirichlet` (label skew).
     dirichlet_alpha: concentration for `dirichlet` partitions (small = more skew).
     engine: `simulation` (Flower's simulation engine) or `inprocess` (same apps, no Ray; for tests).
+        A deployment (SuperLink and SuperNodes as processes) is `blindtune launch`, not an engine value.
     max_update_norm_ratio: updates whose norm exceeds this multiple of the median are rejected.
     client_timeout_seconds: a client that has not replied by then is dropped from the round.
     strategy: aggregation: `fedavg`, `fedprox`, `ffa_lora` (A frozen, only B trained and sent),
@@ -162,28 +168,30 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig; the method's section is parsed with the dataclass its method registered."""
-    from blindtune.methods import get_method
-
+def run_config_from_dict(data: dict[str, Any], method_sections: MethodSections) -> RunConfig:
+    """Build a RunConfig; the method's section is parsed with the dataclass `method_sections` names."""
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError("a run config is a mapping with at least a `method` key")
-    spec = get_method(str(data["method"]))
+    method = str(data["method"])
+    section_class = method_sections(method)
     data = dict(data)
-    method_section = data.pop(spec.name, {}) or {}
+    method_section = data.pop(method, {}) or {}
     config = from_dict(RunConfig, data)
-    config.method_config = from_dict(spec.config_class, method_section, path=spec.name)
+    config.method_config = from_dict(section_class, method_section, path=method)
     return config
 
 
 def load_run_config(
-    path: str | Path, overrides: dict[str, Any] | None = None, settings: Sequence[str] = ()
+    path: str | Path,
+    method_sections: MethodSections,
+    overrides: dict[str, Any] | None = None,
+    settings: Sequence[str] = (),
 ) -> RunConfig:
     """Load a config file; `overrides` (a nested mapping) and then `settings` (`KEY.PATH=VALUE`) win over it."""
     path = Path(path)
     data = merge(merge(load_config_data(path), overrides or {}), parse_settings(settings))
     try:
-        return run_config_from_dict(data)
+        return run_config_from_dict(data, method_sections)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
 

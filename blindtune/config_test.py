@@ -1,11 +1,13 @@
+import dataclasses
 import re
 
 import pytest
 import yaml
 
-from blindtune.config import ConfigError, load_run_config, packaged_config, parse_settings, run_config_from_dict
+from blindtune import config as config_module
+from blindtune.config import ConfigError, packaged_config, parse_settings
 from blindtune.federation.strategies import StrategyName
-from blindtune.methods import UnknownMethodError
+from blindtune.methods import UnknownMethodError, load_run_config, run_config_from_dict
 from blindtune.models.adapters import AdapterKind
 
 
@@ -58,6 +60,11 @@ def test_sections_become_typed_objects_and_round_trip():
         ({"method": "offsite", "offsite": {"adapter": {"rank": 3}}}, "unknown key(s) offsite.adapter.rank"),
         ({"method": "offsite", "train": {"steps": "many"}}, "train.steps: expected int"),
         ({"method": "offsite", "federation": {"engine": "warp"}}, "federation.engine: 'warp' is not one of"),
+        # A deployment is `blindtune launch`'s, which `blindtune run` cannot serve: not an engine value.
+        (
+            {"method": "offsite", "federation": {"engine": "deployment"}},
+            "federation.engine: 'deployment' is not one of simulation, inprocess",
+        ),
         ({"method": "offsite", "federation": {"num_clients": 0}}, "num_clients"),
         ({"method": "offsite", "federation": {"client_lora_ranks": [2, 4]}}, "needs strategy: flora"),
         ({"method": "offsite", "seed": None}, "seed: expected int, got None"),
@@ -134,3 +141,14 @@ def test_a_config_with_a_base_is_its_base_with_its_keys_merged_over_it(tmp_path)
     (tmp_path / "nobase.yaml").write_text("base: no_such.yaml\n")
     with pytest.raises(ConfigError, match=r"cannot read .*no_such\.yaml"):
         load_run_config(tmp_path / "nobase.yaml")
+
+
+def test_the_method_section_is_typed_by_the_class_the_caller_names():
+    @dataclasses.dataclass
+    class Section:
+        depth: int = 1
+
+    data = {"method": "toy", "toy": {"depth": 3}}
+    assert config_module.run_config_from_dict(data, lambda name: Section).method_config == Section(depth=3)
+    with pytest.raises(ConfigError, match=re.escape("unknown key(s) toy.width")):
+        config_module.run_config_from_dict({"method": "toy", "toy": {"width": 3}}, lambda name: Section)

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from blindtune.config import RunConfig, merge, run_config_from_dict
+from blindtune.config import RunConfig, merge
+from blindtune.methods import run_config_from_dict
 from blindtune.models import tiny_model
 
 

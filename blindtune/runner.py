@@ -1,37 +1,79 @@
-"""Run one configured experiment end to end: federation, reference baselines, results and report."""
+"""Run one configured experiment end to end: federation, reference baselines, results and report.
+
+The runner assembles a run: the method (`blindtune.methods`), the apps that run it
+(`blindtune.federation.apps`, with the run-level ledger check watching the server's traffic), the
+federation that runs the apps (in this process or on Flower's simulation engine, or, from `launch`,
+a loopback deployment), and afterwards the baselines, the audits and the report.
+`server_app` / `client_app` below are the Flower App that a deployment's processes load.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import RunConfig, run_config_from_dict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from blindtune.audits.audit import LedgerCheck, ServerFigures, run_audits
+from blindtune.audits.report import add_privacy_section
+from blindtune.config import RunConfig
 from blindtune.data import load_task
-from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_partitions
+from blindtune.federation.apps import FEDERATION_RESULT, FederationRecord, build_apps, client_partitions
+from blindtune.federation.deployment import AppComponents, DeploymentOptions, TlsFiles, run_deployment
 from blindtune.federation.engine import run_federation
-from blindtune.methods import get_method
+from blindtune.federation.flower_app import DeployedApps
+from blindtune.methods import config_class, get_method, run_config_from_dict
 from blindtune.methods.base import BaselineInputs
-from blindtune.privacy.audit import run_audits
-from blindtune.privacy.report import add_privacy_section
 from blindtune.report import write_report
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 
+# Runs the federation of (config, out_dir, resume) to completion; it writes out_dir/federation.json.
+FederationRunner = Callable[[RunConfig, Path, bool], object]
+
 
 class RunFailedError(RuntimeError):
     """The federation did not complete; results.json says why."""
 
 
-def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def method_apps(
+    config: RunConfig, out_dir: Path, progress: bool = True, resume: bool = False
+) -> tuple[ServerApp, ClientApp]:
+    """The ServerApp and ClientApp of `config`'s method, with the ledger check if the config asks for it."""
+    method = get_method(config.method)
+    watch = (lambda: LedgerCheck(config, method)) if config.privacy.audit.ledger else None
+    return build_apps(config, method, out_dir, progress, resume, traffic_watch=watch)
+
+
+def local_federation(progress: bool = True) -> FederationRunner:
+    """The federation on `federation.engine` (in this process, or Flower's simulation engine)."""
+
+    def run(config: RunConfig, out_dir: Path, resume: bool) -> None:
+        server_app, client_app = method_apps(config, out_dir, progress, resume)
+        run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine)
+
+    return run
+
+
+def run_experiment(
+    config: RunConfig,
+    out_dir: Path,
+    progress: bool = True,
+    resume: bool = False,
+    federation: FederationRunner | None = None,
+) -> dict[str, Any]:
     """Run `config`, write `out_dir/results.json` and `out_dir/report.md`, and return the results.
 
-    With `resume`, continue the interrupted run in `out_dir` after its last complete round; the config
-    must be the one that run used.
+    `federation` runs the federation (default: `local_federation`). With `resume`, continue the
+    interrupted run in `out_dir` after its last complete round; the config must be the one that run used.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = out_dir / "config.json"
@@ -45,13 +87,13 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
     started = time.perf_counter()
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
-    server_app, client_app = build_apps(config, out_dir, progress, resume)
-    run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine)
+    (federation or local_federation(progress))(config, out_dir, resume)
     if not federation_file.is_file():
         raise RunFailedError(f"the federation ended without writing {federation_file}")
-    federation = json.loads(federation_file.read_text())
-    if federation.get("status") != "completed":
-        raise RunFailedError(f"the federation failed: {federation.get('error', 'unknown error')}")
+    record = FederationRecord.read(federation_file)
+    if record.status != "completed" or record.result is None:
+        raise RunFailedError(f"the federation failed: {record.error or 'unknown error'}")
+    result = record.result
     federation_seconds = time.perf_counter() - started
 
     method = get_method(config.method)
@@ -61,15 +103,15 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
         client_examples=client_partitions(config),
         progress=progress,
     )
-    metrics = federation["metrics"]
+    metrics: dict[str, float] = dict(result.metrics)
     if config.baselines.centralized:
         metrics["centralized"] = method.centralized(inputs)
     if config.baselines.local_only:
         metrics["local_only"] = method.local_only(inputs)
 
-    cost = federation["cost"]
-    train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in federation["clients"])
-    train_tokens = sum(float(row.get("train_tokens", 0.0)) for row in federation["clients"])
+    cost = dict(record.cost)
+    train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in result.clients)
+    train_tokens = sum(float(row.get("train_tokens", 0.0)) for row in result.clients)
     cost["wall_seconds"] = time.perf_counter() - started
     cost["federation_wall_seconds"] = federation_seconds
     cost["train_tokens_per_second"] = train_tokens / train_seconds if train_seconds else 0.0
@@ -81,19 +123,50 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
         "rounds": config.federation.rounds,
         "metrics": metrics,
         "cost": cost,
-        "failures": federation["failures"],
-        "history": federation["history"],
-        "clients": federation["clients"],
-        "details": {
-            k: v
-            for k, v in federation.items()
-            if k not in {"metrics", "cost", "failures", "history", "clients", "status"}
-        },
+        "failures": record.failures,
+        "history": result.history,
+        "clients": result.clients,
+        "details": result.details,
         "config": config.to_dict(),
     }
     # What the privacy protections spent, the ledger check, and the audits the config asks for.
-    results["privacy"] = run_audits(config, out_dir, results, progress=progress)
+    results["privacy"] = run_audits(config, out_dir, results, ServerFigures.of(record), progress=progress)
     (out_dir / RESULTS).write_text(json.dumps(results, indent=2))
     write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
     add_privacy_section(out_dir / "report.md", [results])
     return results
+
+
+# ---- a loopback deployment ------------------------------------------------------------------------
+
+# The Flower App a deployment's SuperLink and SuperNodes load: each process rebuilds `method_apps`.
+_deployed = DeployedApps(config_class, method_apps)
+server_app = _deployed.server_app
+client_app = _deployed.client_app
+FLOWER_APP = AppComponents(serverapp=f"{__name__}:server_app", clientapp=f"{__name__}:client_app")
+
+
+def launch(
+    config: RunConfig,
+    out_dir: Path,
+    num_clients: int | None = None,
+    tls: TlsFiles | None = None,
+    *,
+    options: DeploymentOptions | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run the experiment `config` describes on a loopback deployment of `num_clients` SuperNodes
+    (default: federation.num_clients): a SuperLink and the SuperNodes as processes.
+
+    Writes what `run_experiment` writes (results.json, report.md, federation.json, checkpoints) plus
+    `logs/` with every process's output, and returns the results.
+    """
+    options = dataclasses.replace(options or DeploymentOptions(), tls=tls or (options.tls if options else None))
+    if num_clients is not None:
+        config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, num_clients=num_clients))
+
+    def deployed(config: RunConfig, out_dir: Path, resume: bool) -> None:
+        run_deployment(config, out_dir, FLOWER_APP, options, resume)
+
+    return run_experiment(config, out_dir, progress, resume, federation=deployed)

@@ -25,12 +25,13 @@ from blindtune.federation.checkpoint import latest_checkpoint, save_checkpoint
 from blindtune.federation.ledger import Direction
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
+from blindtune.federation.secagg import secure_round
 from blindtune.federation.strategies import FedAvg
 from blindtune.models.adapters import AdapterState
 from blindtune.models.artefact import ArtefactSpec, describe, load_artefact, save_artefact, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.context import active_client_privacy, active_server_privacy, require_client_dp
-from blindtune.privacy.secagg import secagg_summary, secure_round
+from blindtune.privacy.secagg import secagg_summary
 from blindtune.privacy.server_dp import ServerSideDP
 from blindtune.training import TrainConfig, train
 
@@ -44,7 +45,7 @@ ADAPTER_SOURCES = "adapter_sources"
 ROUND = "round"
 SEED = "seed"
 PROXIMAL_MU = "proximal_mu"
-_LAYER_MAP_FILE = "adapter_layers.json"
+LAYER_MAP_FILE = "adapter_layers.json"
 
 
 # ---- server side -------------------------------------------------------------------------------
@@ -156,11 +157,13 @@ def run_rounds(
                 )
             if server_dp is not None:  # clipped, uniformly averaged, noised: Flower's DP wrapper
                 names = strategy.returned_names(outcome.state)
-                outcome.state = server_dp.aggregate(round_number, kept, outcome.state, names, exchange.grid)
+                states = {update.node_id: update.state for update in kept}
+                outcome.state = server_dp.aggregate(round_number, states, outcome.state, names, exchange.grid)
             else:
                 outcome.state = strategy.aggregate(kept, outcome.state)
             kept_nodes = {update.node_id for update in kept}
-        dp_epsilon = require_client_dp(privacy, replies, kept_nodes, round_number)  # None: client DP is off
+        used_metrics = {node: replies[node].metric_records.get(RecordKey.METRICS) for node in kept_nodes}
+        dp_epsilon = require_client_dp(privacy, used_metrics, round_number)  # None: client DP is off
         for node, reply in replies.items():
             outcome.clients.append(
                 {
@@ -229,7 +232,7 @@ def store_artefact(content: RecordDict, workdir: Path) -> RecordDict:
     instructions = content[RecordKey.INSTRUCTIONS]
     positions = [int(p) for p in instructions[ADAPTER_POSITIONS]]  # type: ignore[union-attr]
     sources = [int(s) for s in instructions[ADAPTER_SOURCES]]  # type: ignore[union-attr]
-    (workdir / _LAYER_MAP_FILE).write_text(json.dumps(dict(zip(positions, sources, strict=True))))
+    (workdir / LAYER_MAP_FILE).write_text(json.dumps(dict(zip(positions, sources, strict=True))))
     return RecordDict(
         {RecordKey.METRICS: MetricRecord({"artefact_parameters": sum(t.numel() for t in tensors.values())})}
     )
@@ -247,7 +250,7 @@ def train_round(
     """Load the stored artefact, attach the global adapter as the strategy says, train on private
     examples, reply with the trained part of the adapter."""
     artefact = load_artefact(workdir)
-    layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
+    layer_map = {int(k): v for k, v in json.loads((workdir / LAYER_MAP_FILE).read_text()).items()}
     seed = int(number(content, RecordKey.INSTRUCTIONS, SEED))
     round_number = int(number(content, RecordKey.INSTRUCTIONS, ROUND))
     adapted = strategy.prepare_client(artefact.model, arrays(content, RecordKey.ADAPTER), layer_map, lora_rank, seed)

@@ -1,17 +1,23 @@
-"""Flower ServerApp and ClientApp for any registered method, built from one RunConfig.
+"""Flower ServerApp and ClientApp for any federated method, built from one RunConfig.
 
 The apps are thin: the server app hands the Grid to the method's server side and writes what it
 returns; the client app finds its private partition and local storage from its node config and
-passes each message to the method's client side. Which engine runs them is `engine.py`'s business.
+passes each message to the method's client side. The method (and anything that reads the server's
+traffic, such as the run level's ledger check) is handed in by the caller; which engine runs the
+apps is `engine.py`'s business.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -21,17 +27,98 @@ from blindtune.data.partition import partition
 from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
-from blindtune.methods import get_method
-from blindtune.methods.base import ClientRun, ServerRun
+from blindtune.federation.secagg import client_mods
 from blindtune.privacy.accountant import reset_accountant
-from blindtune.privacy.audit import server_privacy_results
 from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
-from blindtune.privacy.ledger_check import TrafficAudit
-from blindtune.privacy.secagg import client_mods
 
 log = logging.getLogger(__name__)
 
 FEDERATION_RESULT = "federation.json"
+
+
+@dataclass
+class ServerRun:
+    """What a method's server side gets: the config, the message exchange and where to write."""
+
+    config: RunConfig
+    exchange: Exchange
+    out_dir: Path
+    progress: bool = True
+    resume: bool = False  # continue after the last complete round checkpointed in out_dir
+
+
+@dataclass
+class ClientRun:
+    """What a method's client side gets: the config, its private examples and its local storage."""
+
+    config: RunConfig
+    partition_id: int
+    examples: list[Example]
+    workdir: Path
+
+
+@dataclass
+class ServerResult:
+    """What a method's server side returns for results.json.
+
+    metrics: accuracies and the like, one number each (`plugin`: the final adapted model's).
+    history: one row per round. clients: one row per client reply.
+    privacy: the method's own privacy figures, lifted into results.json's `privacy` section (FedCoT's
+        text-privatisation budget; OT's and LLEOT's emulator leakage under `emulator`).
+    details: anything else the method reports (e.g. how its emulator was built), under `details`.
+    """
+
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    clients: list[dict[str, Any]]
+    privacy: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class FederatedMethod(Protocol):
+    """The two sides of a method the apps run."""
+
+    def server(self, run: ServerRun) -> ServerResult: ...
+
+    def client(self, kind: MessageKind, content: RecordDict, run: ClientRun) -> RecordDict: ...
+
+
+class TrafficWatch(Protocol):
+    """Reads everything the server receives (the run level's ledger check); one per server run."""
+
+    def watch(self, grid: Grid) -> Grid:
+        """The grid the server uses instead of `grid`."""
+        ...
+
+    def findings(self) -> dict[str, Any]:
+        """What it found, written to federation.json as `ledger_check`."""
+        ...
+
+
+@dataclass
+class FederationRecord:
+    """federation.json: how the federation ended and what its server recorded.
+
+    result: the method's (None when the run failed). server_privacy: what the server's protections
+    reported (`secagg`, `server_dp`). ledger_check: the traffic watch's findings, if one watched.
+    """
+
+    status: str
+    cost: dict[str, Any]
+    failures: list[dict[str, Any]]
+    result: ServerResult | None = None
+    error: str | None = None
+    server_privacy: dict[str, Any] = field(default_factory=dict)
+    ledger_check: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, path: Path) -> FederationRecord:
+        data = json.loads(path.read_text())
+        result = data.pop("result")
+        return cls(**data, result=None if result is None else ServerResult(**result))
 
 
 def client_partitions(config: RunConfig) -> list[list[Example]]:
@@ -42,30 +129,41 @@ def client_partitions(config: RunConfig) -> list[list[Example]]:
 
 
 def build_apps(
-    config: RunConfig, out_dir: Path, progress: bool = True, resume: bool = False
+    config: RunConfig,
+    method: FederatedMethod,
+    out_dir: Path,
+    progress: bool = True,
+    resume: bool = False,
+    traffic_watch: Callable[[], TrafficWatch] | None = None,
 ) -> tuple[ServerApp, ClientApp]:
-    method = get_method(config.method)
+    """The apps that run `method`; `traffic_watch()` makes the watch of each server run, if given."""
     server_app = ServerApp()
     client_app = ClientApp()
 
     @server_app.main()
     def server_main(grid: Grid, context: Context) -> None:
-        # The ledger check reads every reply the server receives, whichever code path sends it.
-        traffic = TrafficAudit(grid) if config.privacy.audit.ledger else None
-        exchange = Exchange(traffic or grid, timeout_seconds=config.federation.client_timeout_seconds)
+        # A watch of the traffic reads every reply the server receives, whichever code path sends it.
+        watch = traffic_watch() if traffic_watch is not None else None
+        exchange = Exchange(
+            watch.watch(grid) if watch is not None else grid, timeout_seconds=config.federation.client_timeout_seconds
+        )
         policy: ServerPrivacy | None = None
+        record = FederationRecord(status="failed", cost={}, failures=[])
         try:
             with server_privacy(config.privacy) as policy:
-                result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
-            result["status"] = "completed"
+                record.result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
+            record.status = "completed"
         except Exception as error:  # record why the run stopped, then let the engine see the error
-            result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+            record.error = f"{type(error).__name__}: {error}"
             raise
         finally:
-            result["cost"] = exchange.ledger.to_dict()
-            result["failures"] = [f.to_dict() for f in exchange.failures]
-            result.update(server_privacy_results(config, method, policy, traffic))
-            (out_dir / FEDERATION_RESULT).write_text(json.dumps(result, indent=2))
+            record.cost = exchange.ledger.to_dict()
+            record.failures = [f.to_dict() for f in exchange.failures]
+            if policy is not None:
+                record.server_privacy = policy.report
+            if watch is not None:
+                record.ledger_check = watch.findings()
+            (out_dir / FEDERATION_RESULT).write_text(record.to_json())
 
     def handle(message: Message, context: Context) -> Message:
         partition_id = int(context.node_config[PARTITION_ID])

@@ -7,12 +7,13 @@ Every party is its own operating-system process on loopback, as it would be on s
                       (--insecure | --root-certificates CA)  [--auth-supernode-private-key KEY_i]
     flwr run APP blindtune --run-config RUN_CONFIG.toml --format json
 
-The SuperLink starts the ServerApp and each SuperNode its ClientApp in subprocesses; both are
-`blindtune.federation.flower_app`, which rebuilds the method's apps from the run config. Flower 1.41
-serves the Fleet, Control and runtime APIs of the SuperLink over HTTP(S) on one port.
+The SuperLink starts the ServerApp and each SuperNode its ClientApp in subprocesses; the caller
+names them (`AppComponents`; blindtune's are `blindtune.runner:server_app` / `client_app`, which
+rebuild the method's apps from the run config). Flower 1.41 serves the Fleet, Control and runtime
+APIs of the SuperLink over HTTP(S) on one port.
 
-`launch` runs a whole experiment this way (federation, baselines, results.json, report.md);
-`run_deployment` runs only the federation, for callers that collect results themselves. Every process
+`run_deployment` runs the federation of one run config; `blindtune.runner.launch` runs a whole
+experiment this way (federation, baselines, results.json, report.md). Every process
 is started in its own session, its output goes to `out_dir/logs/`, and all of them (with the app
 processes they spawned) are terminated when the run ends, fails or is interrupted (Ctrl-C, SIGTERM,
 interpreter exit), and sent SIGTERM by the kernel if the launcher itself is killed.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import contextvars
 import ctypes
 import dataclasses
 import json
@@ -48,7 +48,6 @@ import tomli_w
 
 from blindtune.config import RunConfig
 from blindtune.federation.apps import FEDERATION_RESULT
-from blindtune.federation.engine import Engine
 from blindtune.federation.flower_app import run_config_entries
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,6 @@ CONNECTION = "blindtune"  # the SuperLink connection name in the launcher's priv
 LOGS = "logs"
 FLWR_HOME_DIR = ".flwr-home"
 HOST = "127.0.0.1"
-SERVER_APP = "blindtune.federation.flower_app:server_app"
-CLIENT_APP = "blindtune.federation.flower_app:client_app"
 
 
 class DeploymentError(RuntimeError):
@@ -110,66 +107,23 @@ class DeploymentOptions:
     app_progress: bool = False
 
 
-def deployment_config(config: RunConfig, num_clients: int | None = None) -> RunConfig:
-    """`config` set to run on the deployment engine, with `num_clients` SuperNodes if given."""
-    federation = dataclasses.replace(
-        config.federation,
-        engine=Engine.DEPLOYMENT,
-        num_clients=config.federation.num_clients if num_clients is None else num_clients,
-    )
-    return dataclasses.replace(config, federation=federation)
+@dataclass(frozen=True)
+class AppComponents:
+    """The Flower App the processes run: `module:attribute` of its ServerApp and of its ClientApp."""
 
-
-_ACTIVE: contextvars.ContextVar[tuple[RunConfig, Path, DeploymentOptions, bool] | None] = contextvars.ContextVar(
-    "blindtune_deployment", default=None
-)
-
-
-def launch(
-    config: RunConfig,
-    out_dir: Path,
-    num_clients: int | None = None,
-    tls: TlsFiles | None = None,
-    *,
-    options: DeploymentOptions | None = None,
-    progress: bool = True,
-    resume: bool = False,
-) -> dict[str, Any]:
-    """Run the experiment `config` describes on a loopback deployment of `num_clients` SuperNodes.
-
-    Writes what `blindtune run` writes (results.json, report.md, federation.json, checkpoints) plus
-    `logs/` with every process's output, and returns the results. `resume` continues the interrupted
-    run in `out_dir`, as `blindtune run --resume` does.
-    """
-    from blindtune.runner import run_experiment
-
-    options = dataclasses.replace(options or DeploymentOptions(), tls=tls or (options.tls if options else None))
-    config = deployment_config(config, num_clients)
-    token = _ACTIVE.set((config, out_dir, options, resume))
-    try:
-        return run_experiment(config, out_dir, progress, resume)
-    finally:
-        _ACTIVE.reset(token)
-
-
-def run_active_deployment(num_clients: int) -> None:
-    """The `Engine.DEPLOYMENT` branch of `run_federation`: run the federation `launch` is running."""
-    active = _ACTIVE.get()
-    if active is None:
-        raise DeploymentError(
-            "federation.engine `deployment` starts real processes: run it with `blindtune launch` "
-            "(blindtune.federation.deployment.launch) or call run_deployment(config, out_dir)"
-        )
-    config, out_dir, options, resume = active
-    if num_clients != config.federation.num_clients:
-        raise DeploymentError(f"asked for {num_clients} clients, the run config has {config.federation.num_clients}")
-    run_deployment(config, out_dir, options, resume)
+    serverapp: str
+    clientapp: str
 
 
 def run_deployment(
-    config: RunConfig, out_dir: Path, options: DeploymentOptions | None = None, resume: bool = False
+    config: RunConfig,
+    out_dir: Path,
+    app: AppComponents,
+    options: DeploymentOptions | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run only the federation of `config` on a loopback deployment; return `out_dir/federation.json`.
+    """Run the federation of `config` with the Flower App `app` on a loopback deployment; return
+    `out_dir/federation.json`.
 
     One SuperNode per `config.federation.num_clients`. Raises DeploymentError when a process dies or
     the run ends without a federation result; a failed method run returns its `status: failed` result.
@@ -177,7 +131,7 @@ def run_deployment(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _signals_raise(), Deployment(out_dir, config.federation.num_clients, options) as deployment:
-        return deployment.run(config, resume)
+        return deployment.run(config, app, resume)
 
 
 @dataclass
@@ -290,13 +244,13 @@ class Deployment:
 
     # the run ---------------------------------------------------------------------------------------
 
-    def run(self, config: RunConfig, resume: bool = False) -> dict[str, Any]:
+    def run(self, config: RunConfig, app: AppComponents, resume: bool = False) -> dict[str, Any]:
         """Submit `config` with `flwr run`, wait until the run finishes, return federation.json."""
         if config.federation.num_clients != self.num_clients:
             raise DeploymentError(f"the run needs {config.federation.num_clients} clients, {self.num_clients} are up")
         result_file = self.out_dir / FEDERATION_RESULT
         result_file.unlink(missing_ok=True)
-        run_id = self.submit(config, resume)
+        run_id = self.submit(config, app, resume)
         status = self.wait(run_id, result_file)
         server_log = self.log_dir / "serverapp.log"
         self.save_server_log(run_id, server_log)
@@ -307,11 +261,11 @@ class Deployment:
             )
         return dict(json.loads(result_file.read_text()))
 
-    def submit(self, config: RunConfig, resume: bool = False) -> int:
+    def submit(self, config: RunConfig, app: AppComponents, resume: bool = False) -> int:
         assert self._home is not None
         app_dir = self._home / "app"
         app_dir.mkdir(exist_ok=True)
-        (app_dir / "pyproject.toml").write_text(app_pyproject())
+        (app_dir / "pyproject.toml").write_text(app_pyproject(app))
         entries = run_config_entries(
             config, self.out_dir, self.options.app_progress, self.options.startup_timeout_seconds, resume
         )
@@ -513,7 +467,7 @@ class Deployment:
                 )
 
 
-def app_pyproject() -> str:
+def app_pyproject(app: AppComponents) -> str:
     """pyproject.toml of the Flower App `flwr run` bundles: metadata only, the code is installed blindtune."""
     try:
         version = metadata.version("blindtune")
@@ -530,7 +484,7 @@ def app_pyproject() -> str:
             "flwr": {
                 "app": {
                     "publisher": "blindtune",
-                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "components": {"serverapp": app.serverapp, "clientapp": app.clientapp},
                     "config": {
                         "blindtune-config": "",
                         "config-file": "",

@@ -5,9 +5,11 @@ handed to the server; *which* engine moves the messages is decided here alone:
 
 - `simulation`: Flower's simulation engine (Ray actors, one virtual SuperNode per client);
 - `inprocess`: a `Grid` that hands each message straight to the ClientApp in this process. Same
-  apps, same records, no Ray start-up (~12 s here): for unit tests and quick single-process runs;
-- `deployment`: a real SuperLink and one SuperNode per client as processes on loopback; the apps are
-  rebuilt in each process from the run config (`deployment.py`, `flower_app.py`, `blindtune launch`).
+  apps, same records, no Ray start-up (~12 s here): for unit tests and quick single-process runs.
+
+A real deployment (a SuperLink and one SuperNode per client as processes, `deployment.py`) is not an
+engine of these apps: each process rebuilds its apps from the run config (`flower_app.py`), and
+`blindtune launch` hands the runner that federation instead of this one.
 
 Flower 1.42 deprecates `run_simulation` for `flwr run` on a local SuperLink; when we move, only this
 file changes.
@@ -39,7 +41,6 @@ NUM_PARTITIONS = "num-partitions"
 class Engine(enum.StrEnum):
     SIMULATION = "simulation"
     INPROCESS = "inprocess"
-    DEPLOYMENT = "deployment"
 
 
 class InProcessGrid(Grid):
@@ -109,12 +110,6 @@ class InProcessGrid(Grid):
 
 def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: int, engine: Engine) -> None:
     """Run the apps to completion on the chosen engine."""
-    if engine is Engine.DEPLOYMENT:
-        # Processes cannot be handed app objects: they rebuild them from the run config `launch` set.
-        from blindtune.federation.deployment import run_active_deployment
-
-        run_active_deployment(num_clients)
-        return
     if engine is Engine.INPROCESS:
         # Flower stamps messages with the identity of the running task; its engines set it, so do we.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID

@@ -1,9 +1,11 @@
-"""The Flower App that SuperLinks and SuperNodes load: `blindtune.federation.flower_app:server_app` / `client_app`.
+"""The Flower App that SuperLinks and SuperNodes load, generic over what builds a run's apps.
 
-In a deployment the apps cannot be built in advance, because the run's `RunConfig` only arrives with
-the run: it travels in the run config (`[tool.flwr.app.config]` in pyproject.toml, overridden by
-`flwr run --run-config`), so every process rebuilds the same apps with `build_apps` from its
-`Context`. Run config keys:
+`DeployedApps(method_sections, build)` gives the `server_app` / `client_app` pair; the run level
+makes the one blindtune ships (`blindtune.runner:server_app` / `client_app`), with the method and
+the audits it assembles. In a deployment the apps cannot be built in advance, because the run's
+`RunConfig` only arrives with the run: it travels in the run config (`[tool.flwr.app.config]` in
+pyproject.toml, overridden by `flwr run --run-config`), so every process rebuilds the same apps with
+`build` from its `Context`. Run config keys:
 
 - `blindtune-config`: a `RunConfig.to_json()` string; when empty, `config-file` is loaded instead;
 - `config-file`: a run config YAML: a path, or the name of a config packaged in `blindtune/configs/`;
@@ -23,15 +25,21 @@ import functools
 import json
 import logging
 import time
-from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from blindtune.config import ConfigError, RunConfig, load_run_config, run_config_from_dict
-from blindtune.federation.apps import build_apps
+from blindtune.config import (
+    ConfigError,
+    MethodSections,
+    RunConfig,
+    load_run_config,
+    resolve_config,
+    run_config_from_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,9 @@ WAIT_FOR_NODES = "wait-for-nodes-seconds"
 WORKDIR = "workdir"
 
 DEFAULT_WAIT_FOR_NODES_SECONDS = 300.0
+
+# (config, out_dir, progress, resume) -> the ServerApp and ClientApp that run it in this process.
+AppsBuilder = Callable[[RunConfig, Path, bool, bool], tuple[ServerApp, ClientApp]]
 
 
 def run_config_entries(
@@ -65,7 +76,7 @@ def run_config_entries(
     return entries
 
 
-def config_from_run_config(run_config: dict) -> RunConfig:
+def config_from_run_config(run_config: dict, method_sections: MethodSections) -> RunConfig:
     """The `RunConfig` a Flower run config carries (inline JSON first, else the YAML file it names)."""
     inline = str(run_config.get(CONFIG_JSON, "") or "")
     if inline:
@@ -73,34 +84,15 @@ def config_from_run_config(run_config: dict) -> RunConfig:
             data = json.loads(inline)
         except json.JSONDecodeError as error:
             raise ConfigError(f"run config `{CONFIG_JSON}` is not valid JSON: {error}") from error
-        return run_config_from_dict(data)
+        return run_config_from_dict(data, method_sections)
     name = str(run_config.get(CONFIG_FILE, "") or "")
     if not name:
         raise ConfigError(f"the Flower run config sets neither `{CONFIG_JSON}` nor `{CONFIG_FILE}`")
-    path = Path(name).expanduser()
-    if not path.is_file():
-        packaged = Path(str(resources.files("blindtune") / "configs" / name))
-        if packaged.is_file():
-            path = packaged
-    return load_run_config(path)
+    return load_run_config(resolve_config(name), method_sections)
 
 
 def _out_dir(run_config: dict) -> Path:
     return Path(str(run_config.get(OUT_DIR, "") or "runs/flwr")).expanduser().resolve()
-
-
-@functools.lru_cache(maxsize=4)
-def _apps(config_json: str, out_dir: str, progress: bool, resume: bool) -> tuple[ServerApp, ClientApp]:
-    return build_apps(run_config_from_dict(json.loads(config_json)), Path(out_dir), progress, resume)
-
-
-def apps_for(context: Context, out_dir: Path | None = None) -> tuple[ServerApp, ClientApp]:
-    """blindtune's ServerApp/ClientApp for the run `context` belongs to (cached per config)."""
-    run_config = dict(context.run_config)
-    config = config_from_run_config(run_config)
-    directory = out_dir if out_dir is not None else _out_dir(run_config)
-    progress, resume = bool(run_config.get(PROGRESS, False)), bool(run_config.get(RESUME, False))
-    return _apps(config.to_json(), str(directory), progress, resume)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_seconds: float, poll_seconds: float = 1.0) -> list[int]:
@@ -115,32 +107,57 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_seconds: float, poll_secon
         time.sleep(poll_seconds)
 
 
-server_app = ServerApp()
+class DeployedApps:
+    """The ServerApp and ClientApp a SuperLink and SuperNodes load: each rebuilds, with `build`, the
+    apps of the run its `Context` belongs to (cached per config)."""
 
+    def __init__(self, method_sections: MethodSections, build: AppsBuilder) -> None:
+        self.method_sections = method_sections
+        self._build = functools.lru_cache(maxsize=4)(self._build_from_json)
+        self._apps_builder = build
+        self.server_app = ServerApp()
+        self.server_app.main()(self._server_main)
+        self.client_app = _RunConfiguredClientApp(self)
 
-@server_app.main()
-def _server_main(grid: Grid, context: Context) -> None:
-    run_config = dict(context.run_config)
-    config = config_from_run_config(run_config)
-    out_dir = _out_dir(run_config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timeout = float(run_config.get(WAIT_FOR_NODES, DEFAULT_WAIT_FOR_NODES_SECONDS))
-    node_ids = wait_for_nodes(grid, config.federation.num_clients, timeout)
-    log.info("blindtune %s: %d SuperNodes connected: %s", config.method, len(node_ids), node_ids)
-    inner_server_app, _ = apps_for(context)
-    inner_server_app(grid, context)
+    def _build_from_json(
+        self, config_json: str, out_dir: str, progress: bool, resume: bool
+    ) -> tuple[ServerApp, ClientApp]:
+        config = run_config_from_dict(json.loads(config_json), self.method_sections)
+        return self._apps_builder(config, Path(out_dir), progress, resume)
+
+    def apps_for(self, context: Context, out_dir: Path | None = None) -> tuple[ServerApp, ClientApp]:
+        """The ServerApp/ClientApp for the run `context` belongs to."""
+        run_config = dict(context.run_config)
+        config = config_from_run_config(run_config, self.method_sections)
+        directory = out_dir if out_dir is not None else _out_dir(run_config)
+        progress, resume = bool(run_config.get(PROGRESS, False)), bool(run_config.get(RESUME, False))
+        return self._build(config.to_json(), str(directory), progress, resume)
+
+    def _server_main(self, grid: Grid, context: Context) -> None:
+        run_config = dict(context.run_config)
+        config = config_from_run_config(run_config, self.method_sections)
+        out_dir = _out_dir(run_config)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        timeout = float(run_config.get(WAIT_FOR_NODES, DEFAULT_WAIT_FOR_NODES_SECONDS))
+        node_ids = wait_for_nodes(grid, config.federation.num_clients, timeout)
+        log.info("blindtune %s: %d SuperNodes connected: %s", config.method, len(node_ids), node_ids)
+        inner_server_app, _ = self.apps_for(context)
+        inner_server_app(grid, context)
 
 
 class _RunConfiguredClientApp(ClientApp):
-    """Hands every message, whatever its type, to the ClientApp `build_apps` makes for the message's run.
+    """Hands every message, whatever its type, to the ClientApp built for the message's run.
 
     The built app applies its own mods (e.g. secure aggregation), so nothing is registered here.
     """
 
+    def __init__(self, apps: DeployedApps) -> None:
+        super().__init__()
+        self._apps = apps
+
     def __call__(self, message: Message, context: Context) -> Message:
         workdir = context.node_config.get(WORKDIR)
-        _, inner_client_app = apps_for(context, Path(str(workdir)).expanduser().resolve() if workdir else None)
+        _, inner_client_app = self._apps.apps_for(
+            context, Path(str(workdir)).expanduser().resolve() if workdir else None
+        )
         return inner_client_app(message, context)
-
-
-client_app = _RunConfiguredClientApp()

@@ -1,26 +1,37 @@
-"""What every adapter-on-a-handed-out-model method shares (offsite tuning, LLEOT): the client's
-answer to each message, the server's round loop settings, and the reference rows' training."""
+"""What every adapter-on-a-handed-out-model method shares (offsite tuning, LLEOT, FedProxy's
+clients): the client's answer to each message, the server's round loop settings, the emulator
+server's body (offsite tuning's; LLEOT's differs only in the emulator it hands out), and the
+reference rows' training."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import RecordDict
 from torch import nn
+from transformers import PreTrainedModel
 
+from blindtune.data import load_task
+from blindtune.eval.leakage import LeakageConfig, adapter_gradient_cosine, leakage_report
 from blindtune.federation.adapter_rounds import (
     RoundSettings,
     RoundsOutcome,
+    hand_out,
     run_rounds,
     store_artefact,
     train_round,
 )
 from blindtune.federation.records import MessageKind
 from blindtune.federation.strategies import configured_strategy
-from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
-from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter, plugged_in
+from blindtune.methods.base import BaselineInputs, ClientRun, ServerResult, ServerRun
+from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter, plugged_in, untrained_adapter_state
+from blindtune.models.distill import public_texts
 from blindtune.models.loading import LoadedModel
+from blindtune.models.surgery import LayerPlan, adapter_layer_map
 
 
 def answer_client(kind: MessageKind, content: RecordDict, run: ClientRun, adapter: AdapterConfig) -> RecordDict:
@@ -53,6 +64,91 @@ def federate(
     settings = RoundSettings.of_run(config, run.out_dir / "checkpoints", run.resume)
     strategy = configured_strategy(config.federation, adapter)
     return run_rounds(run.exchange, initial, settings, strategy, llm, evaluate)
+
+
+@dataclass
+class EmulatorSettings:
+    """What the emulator server needs of a method's config (offsite's and LLEOT's share these fields)."""
+
+    adapter: AdapterConfig
+    train_top_layers: bool
+    public_text: str
+    privacy: LeakageConfig | None
+
+
+@dataclass
+class HandedOutEmulator:
+    """The emulator the server hands out: its layer plan, the model, what it was trained to (the
+    elevation margin H, if any) and how it was built (results.json `details.emulator`)."""
+
+    plan: LayerPlan
+    model: PreTrainedModel
+    margin: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def serve_emulator(
+    run: ServerRun, llm: LoadedModel, emulator: HandedOutEmulator, method: EmulatorSettings
+) -> ServerResult:
+    """The server side of an emulator method: evaluate the LLM and the emulator zero-shot, measure
+    what the emulator leaks (when `method.privacy` asks), hand it out, run the adapter rounds, and
+    evaluate the LLM with the global adapter plugged in."""
+    config = run.config
+    task = load_task(config.task, config.data_dir, seed=config.seed)
+    evaluate = config.eval.evaluator(task, run.progress)
+    metrics = {
+        "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
+        "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
+    }
+    layer_map = adapter_layer_map(emulator.plan, method.train_top_layers)
+    initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
+    leakage = method.privacy
+    privacy: dict[str, Any] | None = None
+    if leakage is not None:
+        zero_shot = {config.task: (metrics["llm_zero_shot"], metrics["emulator_zero_shot"])}
+        for name in leakage.extra_tasks:
+            evaluate_other = config.eval.evaluator(load_task(name, seed=config.seed), run.progress)
+            zero_shot[name] = (
+                evaluate_other(llm.model, llm.tokenizer, f"LLM zero-shot {name}"),
+                evaluate_other(emulator.model, llm.tokenizer, f"emulator zero-shot {name}"),
+            )
+        heldout = public_texts(method.public_text, config.task, config.seed).heldout
+        privacy = leakage_report(
+            llm.model,
+            emulator.model,
+            llm.tokenizer,
+            heldout,
+            zero_shot,
+            margin=emulator.margin,
+            max_length=leakage.ppl_max_length,
+        )
+        gradient_examples = task.validation[: leakage.gradient_examples] or task.train[:8]
+
+        def gradient_cosine(state: AdapterState) -> float:
+            return adapter_gradient_cosine(
+                llm.model, emulator.model, layer_map, method.adapter, state, llm.tokenizer, gradient_examples
+            )
+
+        privacy["gradient_cosine"] = gradient_cosine(initial)
+    hand_out(
+        run.exchange,
+        LoadedModel(emulator.model, llm.tokenizer, "emulator"),
+        layer_map,
+        config.federation.required_replies,
+    )
+
+    def evaluate_plugin(adapted: nn.Module, round_number: int) -> float:
+        return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
+
+    outcome = federate(run, method.adapter, initial, llm.model, evaluate_plugin)
+    metrics["plugin"] = outcome.history[-1]["plugin"]
+    result = ServerResult(metrics, outcome.history, outcome.clients, details={"emulator": emulator.details})
+    if privacy is not None:
+        if set(outcome.state) == set(initial):  # the global state is a complete adapter (not FLoRA's stack)
+            privacy["gradient_cosine_final"] = gradient_cosine(outcome.state)
+        metrics.update({key: privacy[key] for key in ("cpl", "ppl_ratio", "gradient_cosine")})
+        result.privacy = {"emulator": privacy}
+    return result
 
 
 def centralized_adapter(

@@ -1,48 +1,34 @@
 """What a method is: a config section, a server side, a client side and its reference baselines.
 
 A method never reaches into another method's module; what two methods share lives in the core
-(`blindtune.models`, `.data`, `.training`, `.federation`, `.eval`).
+(`blindtune.models`, `.data`, `.training`, `.federation`, `.eval`). What its two sides get and
+return (`ServerRun`, `ClientRun`, `ServerResult`) is the federation's (`blindtune.federation.apps`).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import RecordDict
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from blindtune.data import Example, TaskData
+from blindtune.data import Example, TaskData, TaskKind
+from blindtune.federation.apps import ClientRun, ServerResult, ServerRun
 from blindtune.federation.records import MessageKind
-from blindtune.federation.rounds import Exchange
+from blindtune.federation.strategies import configured_strategy
+from blindtune.models.adapters import AdapterConfig, AdapterState
+from blindtune.models.loading import LoadedModel
 from blindtune.training import TrainConfig, train
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
 
-
-@dataclass
-class ServerRun:
-    """What a method's server side gets: the config, the message exchange and where to write."""
-
-    config: RunConfig
-    exchange: Exchange
-    out_dir: Path
-    progress: bool = True
-    resume: bool = False  # continue after the last complete round checkpointed in out_dir
-
-
-@dataclass
-class ClientRun:
-    """What a method's client side gets: the config, its private examples and its local storage."""
-
-    config: RunConfig
-    partition_id: int
-    examples: list[Example]
-    workdir: Path
+__all__ = ["BaselineInputs", "ClientRun", "Method", "ServerResult", "ServerRun"]
 
 
 @dataclass
@@ -75,23 +61,47 @@ class BaselineInputs:
         return self.config.eval.evaluator(self.task, self.progress)(model, tokenizer, desc)
 
 
-class Method(Protocol):
-    """A federated adaptation method. Optional attributes, read with defaults: `task_kinds` (the task
-    kinds it runs), `result_name` (what its "plug-in" row is), and `plugged_llm(config, llm, state)`, a
-    context manager giving the LLM with a final adapter plugged in, for methods whose adapter does not
-    fit the LLM as is (the audits use it)."""
+class Method(abc.ABC):
+    """A federated adaptation method: its name, its config section's dataclass, its two sides and
+    its reference rows. The class attributes below are defaults a method may override."""
 
     name: str
     config_class: type[Any]
+    # The task kinds it runs (the benchmark suite runs it on these).
+    task_kinds: tuple[TaskKind, ...] = (TaskKind.MULTIPLE_CHOICE,)
+    # What its `plugin` metric is.
+    result_name: str = "plug-in"
+    # Reply records whose texts the ledger check counts as privatised (and still checks for raw text).
+    privatised_text_records: tuple[str, ...] = ()
 
-    def server(self, run: ServerRun) -> dict[str, Any]:
-        """Run the federation; return results (metrics, history, clients) for results.json."""
+    @abc.abstractmethod
+    def server(self, run: ServerRun) -> ServerResult:
+        """Run the federation; return its results for results.json."""
 
+    @abc.abstractmethod
     def client(self, kind: MessageKind, content: RecordDict, run: ClientRun) -> RecordDict:
         """Answer one server message."""
 
+    @abc.abstractmethod
     def centralized(self, inputs: BaselineInputs) -> float:
         """Upper bound: accuracy of the adapted LLM trained on the pooled data, same budget."""
 
+    @abc.abstractmethod
     def local_only(self, inputs: BaselineInputs) -> float:
         """Lower bound: accuracy when client 0 adapts alone, same budget."""
+
+    def client_adapter(self, config: RunConfig) -> AdapterConfig | None:
+        """The adapter clients train on the handed-out artefact, aggregated by the run's strategy
+        (None: none the round loop's strategies know)."""
+        return None
+
+    def plugged_llm(
+        self, config: RunConfig, llm: LoadedModel, state: AdapterState
+    ) -> AbstractContextManager[nn.Module] | None:
+        """The LLM with a final adapter `state` plugged in, as the run's server does (the audits use
+        it); None when the method plugs nothing into the LLM. By default the strategy plugs the
+        client adapter in as is."""
+        adapter = self.client_adapter(config)
+        if adapter is None:
+            return None
+        return configured_strategy(config.federation, adapter).plugged_in(llm.model, state)

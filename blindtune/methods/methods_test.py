@@ -4,9 +4,13 @@ import json
 from typing import Any
 
 import pytest
+import torch
 
+from blindtune.audits.audit import final_adapter
 from blindtune.conftest import tiny_run_config
-from blindtune.methods import method_names
+from blindtune.federation.rounds import TooFewClientsError
+from blindtune.methods import get_method, method_names
+from blindtune.models import load_model
 from blindtune.runner import run_experiment
 
 # Server-side preparation budgets small enough for a tiny model in seconds.
@@ -29,7 +33,9 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["method"] == method and saved["num_clients"] == 2 and saved["rounds"] == 2
     for key in ("llm_zero_shot", "emulator_zero_shot", "plugin", "centralized", "local_only"):
-        assert 0.0 <= results["metrics"][key] <= 1.0, key
+        correct = results["metrics"][key] * 12  # accuracies on the 12 test examples
+        assert correct == pytest.approx(round(correct)) and 0 <= round(correct) <= 12, key
+    assert results["metrics"]["plugin"] == results["history"][-1]["plugin"]
     assert [row["round"] for row in results["history"]] == [1, 2]
     cost = results["cost"]
     assert cost["bytes_to_clients"] > cost["bytes_to_server"] > 0
@@ -37,6 +43,23 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
     assert results["failures"] == []
     assert (tmp_path / "run" / "report.md").is_file()
     assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
+
+    # The federation trained the adapter: its LoRA B factors (zero when untrained) moved, and the LLM
+    # with it plugged in (for the methods that plug one in) computes other logits than the LLM alone.
+    state = final_adapter(tmp_path / "run")
+    lora_b = [tensor for name, tensor in state.items() if "lora_B" in name]
+    assert all(float(tensor.abs().max()) > 0 for tensor in lora_b)
+    llm = load_model(config.model)
+    plugged = get_method(method).plugged_llm(config, llm, state)
+    if plugged is None:
+        assert method in {"fedcot", "fedmkt"} and lora_b  # their adapter is the SLM's / the server's own LoRA
+        return
+    prompt = llm.tokenizer(["Definition: a small dog\nCategory:"], return_tensors="pt")
+    with torch.no_grad():
+        alone = llm.model(**prompt).logits
+        with plugged as adapted:
+            with_adapter = adapted(**prompt).logits
+    assert not torch.allclose(alone, with_adapter), "the plug-in computes what the LLM alone does"
 
 
 @pytest.mark.slow
@@ -50,7 +73,7 @@ def test_flower_simulation_engine_runs_the_same_apps(tiny_model_dir, tmp_path):
     results = run_experiment(config, tmp_path, progress=False)
     assert [row["round"] for row in results["history"]] == [1, 2]
     assert len({row["node_id"] for row in results["clients"]}) == 2
-    assert results["failures"] == [] and 0.0 <= results["metrics"]["plugin"] <= 1.0
+    assert results["failures"] == [] and results["metrics"]["plugin"] == results["history"][-1]["plugin"]
 
 
 # Methods whose clients train through the shared DP-SGD path with the default adapter; every other one must
@@ -71,7 +94,8 @@ def test_dp_runs_with_its_epsilon_or_is_refused(method, tiny_model_dir, tmp_path
     }
     config = tiny_run_config(method, tiny_model_dir, overrides)
     if method not in DP_METHODS:
-        with pytest.raises(Exception, match=r"DP-SGD|plain training refused|not supported"):
+        # Its clients refuse to train, so the server is left without replies.
+        with pytest.raises(TooFewClientsError, match=r"DP-SGD|plain training refused|not supported"):
             results = run_experiment(config, tmp_path / "run", progress=False)
             assert results["failures"] == [], results["failures"]  # a run that survived without DP fails here
         return
@@ -81,4 +105,5 @@ def test_dp_runs_with_its_epsilon_or_is_refused(method, tiny_model_dir, tmp_path
     assert list(dp["epsilon_by_round"]) == ["1", "2"] and dp["epsilon_by_round"]["1"] < dp["epsilon_by_round"]["2"]
     assert results["failures"] == []
     # the audit plugs the final adapter into the LLM the method's way (FedProxy's fits only its proxy)
-    assert 0.0 <= results["privacy"]["membership_inference"]["loss"]["auc"] <= 1.0
+    mia = results["privacy"]["membership_inference"]  # the adapter changed the members' losses
+    assert mia["members"] == 8 and mia["mean_loss_members"] != pytest.approx(mia["mean_reference_loss_members"])

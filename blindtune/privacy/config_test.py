@@ -1,6 +1,7 @@
 import pytest
 
-from blindtune.config import ConfigError, run_config_from_dict
+from blindtune.config import ConfigError
+from blindtune.methods import run_config_from_dict
 from blindtune.privacy import AccountantKind, ClippingKind, PrivacyConfig
 
 

@@ -11,16 +11,13 @@ a method whose client bypasses the DP trainer fails loudly instead of training w
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import RecordDict
-
-from blindtune.federation.records import RecordKey, number
 from blindtune.privacy.config import PrivacyConfig
 from blindtune.training.loop import private_training_required
 
@@ -93,21 +90,20 @@ def active_server_privacy() -> ServerPrivacy | None:
 
 
 def require_client_dp(
-    policy: ServerPrivacy | None, replies: Mapping[int, RecordDict], used: Collection[int], round_number: int
+    policy: ServerPrivacy | None, metrics: Mapping[int, Mapping[str, Any] | None], round_number: int
 ) -> float | None:
-    """With client DP configured, every used reply must carry its accountant's epsilon: a client that
-    trained without DP (a method whose client path bypasses it) stops the run. Returns the round's
-    largest epsilon (None when client DP is off; inf when a client reports no noise)."""
+    """With client DP configured, every used reply's `metrics` must carry its accountant's epsilon: a
+    client that trained without DP (a method whose client path bypasses it) stops the run. Returns the
+    round's largest epsilon (None when client DP is off; inf when a client reports no noise)."""
     if policy is None or not policy.config.dp.enabled:
         return None
     values = []
-    for node in used:
-        metrics = replies[node].metric_records.get(RecordKey.METRICS)
-        if metrics is None or "dp_epsilon" not in metrics:
+    for node, reported in metrics.items():
+        value = None if reported is None else reported.get("dp_epsilon")
+        if not isinstance(value, int | float) or isinstance(value, bool):
             raise PrivacyNotAppliedError(
                 f"round {round_number}: client {node} replied without a DP accountant figure although "
                 "privacy.dp is enabled: its update may not be differentially private"
             )
-        value = number(replies[node], RecordKey.METRICS, "dp_epsilon")
-        values.append(math.inf if value < 0 else value)
+        values.append(math.inf if value < 0 else float(value))
     return max(values) if values else None

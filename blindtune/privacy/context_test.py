@@ -2,9 +2,7 @@ import math
 from pathlib import Path
 
 import pytest
-from flwr.app import MetricRecord, RecordDict
 
-from blindtune.federation.records import RecordKey
 from blindtune.privacy.config import DPSGDConfig, PrivacyConfig, SecAggConfig
 from blindtune.privacy.context import (
     PrivacyNotAppliedError,
@@ -19,7 +17,7 @@ DP = PrivacyConfig(dp=DPSGDConfig(enabled=True, noise_multiplier=1.0))
 
 
 def reply(**metrics):
-    return RecordDict({RecordKey.METRICS: MetricRecord({"num_examples": 10, **metrics})})
+    return {"num_examples": 10, **metrics}
 
 
 def test_a_server_protection_that_no_round_loop_applied_is_an_error():
@@ -40,9 +38,11 @@ def test_the_client_policy_is_scoped_to_the_message():
 
 def test_client_dp_replies_must_carry_their_epsilon():
     policy = ServerPrivacy(DP)
-    assert require_client_dp(policy, {1: reply(dp_epsilon=2.0), 2: reply(dp_epsilon=3.0)}, [1, 2], 1) == 3.0
-    assert require_client_dp(policy, {1: reply(dp_epsilon=-1.0)}, [1], 1) == math.inf  # no noise
+    assert require_client_dp(policy, {1: reply(dp_epsilon=2.0), 2: reply(dp_epsilon=3.0)}, 1) == 3.0
+    assert require_client_dp(policy, {1: reply(dp_epsilon=-1.0)}, 1) == math.inf  # no noise
     with pytest.raises(PrivacyNotAppliedError, match="client 2"):
-        require_client_dp(policy, {1: reply(dp_epsilon=2.0), 2: reply()}, [1, 2], 1)
-    assert require_client_dp(ServerPrivacy(PrivacyConfig()), {2: reply()}, [2], 1) is None
-    assert require_client_dp(None, {2: reply()}, [2], 1) is None
+        require_client_dp(policy, {1: reply(dp_epsilon=2.0), 2: reply()}, 1)
+    with pytest.raises(PrivacyNotAppliedError, match="client 3"):
+        require_client_dp(policy, {3: None}, 1)
+    assert require_client_dp(ServerPrivacy(PrivacyConfig()), {2: reply()}, 1) is None
+    assert require_client_dp(None, {2: reply()}, 1) is None

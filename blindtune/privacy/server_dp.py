@@ -11,6 +11,7 @@ amplification; Opacus' RDP accountant composes them into the client-level epsilo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,6 @@ from flwr.serverapp.strategy import (
     FedAvg,
 )
 
-from blindtune.federation.aggregation import ClientUpdate
 from blindtune.models.adapters import AdapterState
 from blindtune.privacy.accountant import epsilon
 from blindtune.privacy.config import AccountantKind, ClippingKind, ServerDPConfig
@@ -73,21 +73,27 @@ class ServerSideDP:
         )
 
     def aggregate(
-        self, round_number: int, updates: list[ClientUpdate], global_state: AdapterState, names: list[str], grid: Grid
+        self,
+        round_number: int,
+        states: Mapping[int, AdapterState],
+        global_state: AdapterState,
+        names: list[str],
+        grid: Grid,
     ) -> AdapterState:
-        """The noisy mean of the clipped updates of `names`; other entries keep their global value."""
+        """The noisy mean of the clipped updates of `names` of each node's `states`; other entries keep
+        their global value."""
         # A fresh wrapper per round, sized to the clients actually averaged (a dropped client must not
         # shrink the noise below what the sensitivity needs); adaptive clipping carries its norm over.
-        wrapper = self._wrapper(len(updates))
+        wrapper = self._wrapper(len(states))
         self.clipping_norms.append(self.clipping_norm)
         wrapper.configure_train(round_number, _record(global_state, names), ConfigRecord(), grid)
         replies = [
             Message(
-                RecordDict({_ARRAYS: _record(update.state, names), "metrics": MetricRecord({_WEIGHT: 1})}),
-                dst_node_id=update.node_id,
+                RecordDict({_ARRAYS: _record(state, names), "metrics": MetricRecord({_WEIGHT: 1})}),
+                dst_node_id=node_id,
                 message_type=MessageType.TRAIN,
             )
-            for update in updates
+            for node_id, state in states.items()
         ]
         arrays, _ = wrapper.aggregate_train(round_number, replies)
         if arrays is None:

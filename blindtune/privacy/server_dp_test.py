@@ -5,7 +5,6 @@ import torch
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from blindtune.federation.aggregation import ClientUpdate
 from blindtune.privacy.config import ServerDPConfig
 from blindtune.privacy.server_dp import ServerSideDP
 
@@ -24,10 +23,9 @@ def task_identity():
 
 def updates(seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [
-        ClientUpdate(node, {"a": torch.randn(4, generator=generator), "b": torch.randn(2, generator=generator)}, n)
-        for node, n in ((1, 10), (2, 20), (3, 30))
-    ]
+    return {
+        node: {"a": torch.randn(4, generator=generator), "b": torch.randn(2, generator=generator)} for node in (1, 2, 3)
+    }
 
 
 def update_norm(state):
@@ -38,7 +36,7 @@ def test_without_noise_or_clipping_it_is_the_uniform_mean_and_leaves_other_entri
     dp = ServerSideDP(ServerDPConfig(enabled=True, noise_multiplier=0.0, clipping_norm=1e6))
     out = dp.aggregate(1, updates(), GLOBAL, ["a", "b"], Nodes())
     for name in ("a", "b"):
-        torch.testing.assert_close(out[name], sum(u.state[name] for u in updates()) / 3)
+        torch.testing.assert_close(out[name], sum(state[name] for state in updates().values()) / 3)
     assert torch.equal(out["frozen"], GLOBAL["frozen"])
     assert dp.summary()["epsilon"] is None  # no noise: no finite epsilon
 

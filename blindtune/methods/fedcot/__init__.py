@@ -5,13 +5,16 @@ rationales (see `blindtune.methods.fedcot.server` and `.client`)."""
 from __future__ import annotations
 
 import copy
+from contextlib import AbstractContextManager
 
 from flwr.app import RecordDict
+from torch import nn
 
+from blindtune.config import RunConfig
 from blindtune.data import Example, TaskKind
 from blindtune.federation.records import MessageKind
 from blindtune.methods import register_method
-from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
+from blindtune.methods.base import BaselineInputs, ClientRun, Method, ServerResult, ServerRun
 from blindtune.methods.fedcot.client import answer_client
 from blindtune.methods.fedcot.config import FedCoTConfig, RationaleSource
 from blindtune.methods.fedcot.rationales import (
@@ -24,13 +27,13 @@ from blindtune.methods.fedcot.rationales import (
 )
 from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, build_slm, every_layer, run_server
 from blindtune.models import load_model
-from blindtune.models.adapters import attach_adapter
+from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
 from blindtune.models.loading import LoadedModel
 from blindtune.training import train
 from blindtune.training.loop import AuxiliaryTask
 
 
-class FedCoT:
+class FedCoT(Method):
     name = "fedcot"
     config_class = FedCoTConfig
     # The ledger check counts texts in these reply records as privatised (and still checks them for raw text).
@@ -40,11 +43,21 @@ class FedCoT:
     # metrics.plugin is the client SLM's accuracy: FedCoT plugs nothing into the LLM.
     result_name = "client SLM"
 
-    def server(self, run: ServerRun) -> dict[str, object]:
+    def server(self, run: ServerRun) -> ServerResult:
         return run_server(run)
 
     def client(self, kind: MessageKind, content: RecordDict, run: ClientRun) -> RecordDict:
         return answer_client(kind, content, run)
+
+    def client_adapter(self, config: RunConfig) -> AdapterConfig:
+        """The LoRA clients train on the SLM the server hands out."""
+        return config.method_config.adapter
+
+    def plugged_llm(
+        self, config: RunConfig, llm: LoadedModel, state: AdapterState
+    ) -> AbstractContextManager[nn.Module] | None:
+        """None: FedCoT's adapter belongs to the SLM; nothing is plugged into the LLM."""
+        return None
 
     def centralized(self, inputs: BaselineInputs) -> float:
         """Upper bound: the SLM trained on the pooled data with the LLM's rationales for the raw

@@ -1,12 +1,12 @@
 import copy
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from blindtune.audits.ledger_check import ReceivedText, TrafficAudit, check
 from blindtune.conftest import tiny_run_config
 from blindtune.data import Example, load_task
 from blindtune.federation.records import MessageKind, RecordKey
@@ -23,10 +23,8 @@ from blindtune.methods.fedcot.rationales import (
     rationale_examples,
 )
 from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, hand_out_content, privacy_summary, run_server
-from blindtune.methods.fedcot.sweep import finished_run, markdown_table, parse_epsilons, plot
 from blindtune.models import tiny_model
 from blindtune.models.loading import LoadedModel
-from blindtune.privacy.ledger_check import ReceivedText, TrafficAudit, check
 from blindtune.training import TrainConfig, train
 from blindtune.training.loop import AuxiliaryTask
 
@@ -152,34 +150,6 @@ def test_privacy_summary_weights_by_tokens_and_reports_infinity():
     assert summary["epsilon_per_prompt_mean"] == pytest.approx(65.0) and summary["epsilon_per_token"] == 12.0
     infinite = privacy_summary(FedCoTConfig(), {1: reply(10, 1.0, INFINITE)})
     assert infinite["epsilon_per_prompt"] is None and infinite["epsilon_per_prompt_mean"] is None
-
-
-def test_sweep_table_and_plot(tmp_path):
-    assert parse_epsilons("1, 3,10,inf") == [1.0, 3.0, 10.0, math.inf]
-    for bad in ("", "1,x", "-1"):
-        with pytest.raises(ValueError, match="epsilons"):
-            parse_epsilons(bad)
-    rows = [
-        {"epsilon": name, "accuracy": acc, "epsilon_per_token": eps, "epsilon_per_prompt": eps,
-         "recovery_rate": rate, "recovery_rate_top_k": rate, "rationales_kept": 9, "ledger_passed": rate < 1}
-        for name, acc, eps, rate in (("1", 0.2, 1.0, 0.0), ("inf", 0.5, None, 1.0))
-    ]  # fmt: skip
-    table = {"config": "c.yaml", "references": {"label_only": 0.3}, "rows": rows}
-    text = markdown_table(table)
-    assert "| inf | 0.500 | inf | inf | 1.000 |" in text and "label_only 0.300" in text
-    plot(table, tmp_path / "curve.png")
-    assert (tmp_path / "curve.png").stat().st_size > 1000
-
-
-def test_sweep_reuses_a_finished_run_of_the_same_config_only(tiny_model_dir, tmp_path):
-    config = tiny_run_config("fedcot", tiny_model_dir, {})
-    assert finished_run(config, tmp_path) is None
-    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    assert finished_run(config, tmp_path) is None  # no results: the run did not finish
-    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"plugin": 0.5}}))
-    assert finished_run(config, tmp_path) == {"metrics": {"plugin": 0.5}}
-    other = tiny_run_config("fedcot", tiny_model_dir, {"seed": 1})
-    assert finished_run(other, tmp_path) is None
 
 
 def test_membership_inference_audit_is_refused(tiny_model_dir, tmp_path):

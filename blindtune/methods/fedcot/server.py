@@ -41,7 +41,7 @@ from blindtune.federation.adapter_rounds import (
 from blindtune.federation.records import MessageKind, RecordKey, number, tensors_to_record
 from blindtune.federation.rounds import Exchange
 from blindtune.federation.strategies import configured_strategy
-from blindtune.methods.base import ServerRun
+from blindtune.methods.base import ServerResult, ServerRun
 from blindtune.methods.fedcot.client import INFINITE, LABEL_AND_RATIONALE, LABEL_ONLY, OBJECTIVE, TEXTS, texts
 from blindtune.methods.fedcot.config import FedCoTConfig, RationaleSource
 from blindtune.methods.fedcot.rationales import generate_rationales, label_task, rationale_template
@@ -50,7 +50,6 @@ from blindtune.models.adapters import AdapterState, untrained_adapter_state
 from blindtune.models.artefact import describe, unique_state_dict
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import build_emulator, num_decoder_layers, plan_layers
-from blindtune.privacy.audit import METHOD_PRIVACY
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -161,7 +160,7 @@ def federate_slm(
     return run_rounds(exchange, initial, settings, strategy, slm, evaluate)
 
 
-def run_server(run: ServerRun) -> dict[str, Any]:
+def run_server(run: ServerRun) -> ServerResult:
     config = run.config
     method: FedCoTConfig = config.method_config
     if config.privacy.audit.membership_inference:
@@ -181,7 +180,8 @@ def run_server(run: ServerRun) -> dict[str, Any]:
 
     replies = hand_out_and_collect(run.exchange, slm, min_replies)
     nodes = sorted(replies)
-    results: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    privacy: dict[str, Any] = {}
     rationales = None
     if method.rationale_source is RationaleSource.SERVER:
         template = rationale_template(method, task)
@@ -191,15 +191,15 @@ def run_server(run: ServerRun) -> dict[str, Any]:
             for node, prompts in privatised.items()
         }
         first = nodes[0]
-        results[METHOD_PRIVACY] = privacy_summary(method, replies)
-        results["rationale_samples"] = [
+        privacy = privacy_summary(method, replies)
+        details["rationale_samples"] = [
             {"privatised_prompt": prompt, "rationale": rationale}
             for prompt, rationale in list(zip(privatised[first], rationales[first], strict=True))[:RATIONALE_SAMPLES]
         ]
-        results["rationale_template"] = template
+        details["rationale_template"] = template
     del llm
     plan_replies = send_plan(run.exchange, LABEL_AND_RATIONALE, rationales, nodes, min_replies)
-    results["rationales"] = {
+    details["rationales"] = {
         "source": method.rationale_source.value,
         "received": int(sum(number(r, RecordKey.METRICS, "rationales_received") for r in plan_replies.values())),
         "kept": int(sum(number(r, RecordKey.METRICS, "rationales_kept") for r in plan_replies.values())),
@@ -221,21 +221,14 @@ def run_server(run: ServerRun) -> dict[str, Any]:
 
         label_only = federate_slm(reference, run, slm.model, initial, evaluate_label_only, "label_only/checkpoints")
         metrics["label_only"] = label_only.history[-1]["plugin"]
-        results["label_only"] = {
+        details["label_only"] = {
             "history": label_only.history,
             "cost": reference.ledger.to_dict(),
             "failures": [f.to_dict() for f in reference.failures],
         }
-    results.update(
-        {
-            "metrics": metrics,
-            "history": outcome.history,
-            "clients": outcome.clients,
-            "slm": {
-                "layers": num_decoder_layers(slm.model),
-                "parameters": sum(p.numel() for p in slm.model.parameters()),
-                "compressed_proxy": method.slm_compression is not None,
-            },
-        }
-    )
-    return results
+    details["slm"] = {
+        "layers": num_decoder_layers(slm.model),
+        "parameters": sum(p.numel() for p in slm.model.parameters()),
+        "compressed_proxy": method.slm_compression is not None,
+    }
+    return ServerResult(metrics, outcome.history, outcome.clients, privacy=privacy, details=details)

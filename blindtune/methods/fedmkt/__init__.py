@@ -10,7 +10,7 @@ from flwr.app import RecordDict
 from blindtune.federation.records import MessageKind
 from blindtune.methods import register_method
 from blindtune.methods.adapter_tuning import centralized_adapter
-from blindtune.methods.base import BaselineInputs, ClientRun, ServerRun
+from blindtune.methods.base import BaselineInputs, ClientRun, Method, ServerResult, ServerRun
 from blindtune.methods.fedmkt.client import answer, wordpiece_slm
 from blindtune.methods.fedmkt.config import FedMKTConfig, SLMKind
 from blindtune.methods.fedmkt.server import compressed_slm, run_server
@@ -20,11 +20,11 @@ from blindtune.models.surgery import num_decoder_layers
 from blindtune.training import train
 
 
-class FedMKT:
+class FedMKT(Method):
     name = "fedmkt"
     config_class = FedMKTConfig
 
-    def server(self, run: ServerRun) -> dict[str, object]:
+    def server(self, run: ServerRun) -> ServerResult:
         return run_server(run)
 
     def client(self, kind: MessageKind, content: RecordDict, run: ClientRun) -> RecordDict:

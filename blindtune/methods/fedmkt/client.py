@@ -41,6 +41,7 @@ from blindtune.methods.fedmkt.knowledge import (
     teacher_weights,
     tokenizer_to_record,
 )
+from blindtune.methods.fedmkt.token_alignment import load_wordpiece_tokenizer
 from blindtune.models.adapters import AdaptedModel, attach_adapter
 from blindtune.models.artefact import (
     ArtefactSpec,
@@ -52,7 +53,6 @@ from blindtune.models.artefact import (
 )
 from blindtune.models.loading import LoadedModel, random_model
 from blindtune.models.surgery import num_decoder_layers
-from blindtune.models.token_alignment import load_wordpiece_tokenizer
 from blindtune.training import train
 
 PHASE = "phase"

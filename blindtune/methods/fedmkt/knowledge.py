@@ -27,7 +27,7 @@ from blindtune.data import Example
 from blindtune.encoding import collate_pairs, encode_pair, last_hidden_states, vocab_logprobs
 from blindtune.federation.records import record_to_tensors, tensors_to_record
 from blindtune.methods.fedmkt.config import Selection
-from blindtune.models.token_alignment import (
+from blindtune.methods.fedmkt.token_alignment import (
     PAD_INDEX,
     NonFiniteKnowledgeError,
     TopK,

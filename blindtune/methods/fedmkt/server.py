@@ -34,7 +34,7 @@ from blindtune.federation.checkpoint import save_checkpoint
 from blindtune.federation.ledger import Direction
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import TooFewClientsError
-from blindtune.methods.base import ServerRun
+from blindtune.methods.base import ServerResult, ServerRun
 from blindtune.methods.fedmkt.client import DISTIL, EVALUATE, LOCAL, NEEDS_SLM, PARTITION, PHASE, ROUND, SEED
 from blindtune.methods.fedmkt.config import FedMKTConfig
 from blindtune.methods.fedmkt.knowledge import (
@@ -50,6 +50,7 @@ from blindtune.methods.fedmkt.knowledge import (
     teacher_weights,
     tokenizer_from_record,
 )
+from blindtune.methods.fedmkt.token_alignment import VocabMap, build_vocab_map, vocab_fingerprint
 from blindtune.models import load_model
 from blindtune.models.adapters import attach_adapter
 from blindtune.models.artefact import describe, unique_state_dict
@@ -57,7 +58,6 @@ from blindtune.models.compression import prepare_proxy
 from blindtune.models.distill import public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import build_emulator, num_decoder_layers, plan_layers
-from blindtune.models.token_alignment import VocabMap, build_vocab_map, vocab_fingerprint
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -160,7 +160,7 @@ def _average(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
     }
 
 
-def run_server(run: ServerRun) -> dict[str, Any]:
+def run_server(run: ServerRun) -> ServerResult:
     config = run.config
     method: FedMKTConfig = config.method_config
     if run.resume:
@@ -280,10 +280,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     if slm_accuracy:
         metrics["slm_after"] = float(np.mean(list(slm_accuracy.values())))
     by_partition = {view.partition_id: view for view in views.values()}
-    return {
-        "metrics": metrics,
-        "history": history,
-        "clients": clients,
+    details = {
         "slm": {
             f"client{partition}": {
                 "kind": str(method.slm_kind(partition)),
@@ -302,6 +299,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         },
         "public_set": {"source": method.public_set, "sequences": len(public)},
     }
+    return ServerResult(metrics, history, clients, details=details)
 
 
 def average_slms(

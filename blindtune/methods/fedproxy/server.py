@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from blindtune.data import load_task
+from blindtune.eval.leakage import cpl, perplexities
 from blindtune.federation.adapter_rounds import RoundSettings, hand_out, run_rounds
 from blindtune.federation.strategies import configured_strategy
-from blindtune.methods.base import BaselineInputs, ServerRun
+from blindtune.methods.base import BaselineInputs, ServerResult, ServerRun
 from blindtune.methods.fedproxy.config import FedProxyConfig
 from blindtune.models import load_model
 from blindtune.models.adapters import AdapterState, attach_adapter, plugged_in, untrained_adapter_state
@@ -39,7 +40,7 @@ from blindtune.models.compression import (
     proxy_layer_state,
     proxy_update,
 )
-from blindtune.models.distill import cpl, perplexities, public_texts
+from blindtune.models.distill import public_texts
 from blindtune.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def plugged_llm(config: RunConfig, llm: LoadedModel, state: AdapterState) -> Ite
         yield plugged
 
 
-def run_server(run: ServerRun) -> dict[str, Any]:
+def run_server(run: ServerRun) -> ServerResult:
     config = run.config
     method: FedProxyConfig = config.method_config
     llm = load_model(config.model)
@@ -147,12 +148,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     metrics["proxy"] = outcome.history[-1]["proxy"]
     metrics["cpl"] = report["cpl"]
     metrics["ppl_ratio"] = report["ppl_ratio"]
-    return {
-        "metrics": metrics,
-        "history": outcome.history,
-        "clients": outcome.clients,
-        "proxy": report,
-    }
+    return ServerResult(metrics, outcome.history, outcome.clients, details={"proxy": report})
 
 
 def local_only_plugin(inputs: BaselineInputs) -> float:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from blindtune.eval.leakage import LeakageConfig
+from blindtune.methods.lleot.elevation import ElevationConfig
 from blindtune.models.adapters import AdapterConfig, AdapterKind
-from blindtune.models.distill import DistillConfig, ElevationConfig, LeakageConfig
+from blindtune.models.distill import DistillConfig
 
 
 def _soft_prompt() -> AdapterConfig:
@@ -30,7 +32,7 @@ class LleotConfig:
         (`wordnet:<pos>,...`, `task:<name>` of another task, or a text file; never client data).
     distill: stage 1, L = L_LM + ppd_weight * L_PPD + kd_weight * L_KD (1 : 10 : 30).
     elevation: stage 2, E |L_emu(P'; x) - L_LLM(P'; x) - H| with H = elevation.margin, and/or
-        (teacher_weight > 0) token by token towards the exact-margin distribution (models/distill.py).
+        (teacher_weight > 0) token by token towards the exact-margin distribution (elevation.py).
     privacy: what is measured about the emulator (extra tasks for CPL, gradient examples).
     cache_emulator: reuse a trained emulator from the user cache when model and settings match.
     """

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from blindtune.eval.leakage import LeakageConfig
 from blindtune.models.adapters import AdapterConfig
-from blindtune.models.distill import DistillConfig, LeakageConfig
+from blindtune.models.distill import DistillConfig
 
 
 @dataclass

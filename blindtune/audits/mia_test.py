@@ -1,6 +1,6 @@
 import pytest
 
-from blindtune.privacy.mia import membership_inference, roc_auc, tpr_at_fpr
+from blindtune.audits.mia import membership_inference, roc_auc, tpr_at_fpr
 
 
 def test_roc_auc_by_ranks():

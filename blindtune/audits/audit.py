@@ -2,9 +2,9 @@
 
 - `dp`, `server_dp`, `secagg`: what the run's protections spent, from the clients' accountants (each
   client reports its epsilon with every update) and the server's round loop;
-- `ledger`: the ledger check (`blindtune.privacy.ledger_check`), done while the run ran;
+- `ledger`: the ledger check (`blindtune.audits.ledger_check`), done while the run ran;
 - `membership_inference`: loss and reference loss-ratio attacks on the LLM with the final adapter
-  plugged in (`blindtune.privacy.mia`); members are client training examples, non-members the task's
+  plugged in (`blindtune.audits.mia`); members are client training examples, non-members the task's
   held-out (validation and test) examples, as many as members;
 - `misuse`: the artefact the server handed out (emulator, proxy) as a standalone model: its accuracy
   alone and with the final adapter, against the LLM's and the plug-in's, and its perplexity on
@@ -20,40 +20,75 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from flwr.serverapp import Grid
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
+from blindtune.audits.ledger_check import TrafficAudit, check
+from blindtune.audits.mia import example_losses, membership_inference
+from blindtune.audits.report import add_privacy_section
 from blindtune.config import RunConfig
 from blindtune.data import Example, load_task
-from blindtune.encoding import pad_right
-from blindtune.privacy.context import PrivacyNotAppliedError, ServerPrivacy
-from blindtune.privacy.ledger_check import TrafficAudit, check
-from blindtune.privacy.mia import example_losses, membership_inference
-
-if TYPE_CHECKING:
-    from blindtune.models.loading import LoadedModel
+from blindtune.eval.scoring import perplexity
+from blindtune.federation.adapter_rounds import LAYER_MAP_FILE
+from blindtune.federation.apps import FederationRecord, client_partitions
+from blindtune.federation.checkpoint import latest_checkpoint
+from blindtune.federation.strategies import FedAvg, configured_strategy
+from blindtune.methods import Method, get_method, run_config_from_dict
+from blindtune.models import load_model
+from blindtune.models.artefact import has_artefact, load_artefact
+from blindtune.models.loading import LoadedModel
+from blindtune.privacy.context import PrivacyNotAppliedError
+from blindtune.report import write_report
 
 log = logging.getLogger(__name__)
 
-# Keys the server app adds to federation.json (and the runner to results.json's details).
-SERVER_PRIVACY = "privacy_server"
-TRAFFIC_CHECK = "privacy_ledger"
-# A method's own privacy figures, returned by its server side (FedCoT: the text-privatisation budget,
-# epsilon_per_token / epsilon_per_prompt, and the recovery attack's rates); lifted into the section.
-METHOD_PRIVACY = "privacy_method"
 _SECTION_KEYS = ("dp", "server_dp", "secagg", "ledger", "membership_inference", "misuse")
 
 
 def client_examples(config: RunConfig) -> list[list[Example]]:
     """Each client's training examples as its client app sees them (after `limit_client_examples`)."""
-    from blindtune.federation.apps import client_partitions
-
     limit = config.privacy.audit.limit_client_examples
     return [examples[:limit] if limit is not None else examples for examples in client_partitions(config)]
+
+
+class LedgerCheck:
+    """The ledger check as the federation's traffic watch: reads every reply the server receives and,
+    after the run, looks in it for the clients' raw text (`blindtune.audits.ledger_check`)."""
+
+    def __init__(self, config: RunConfig, method: Method) -> None:
+        self.config = config
+        self.privatised = method.privatised_text_records
+        self.traffic: TrafficAudit | None = None
+
+    def watch(self, grid: Grid) -> Grid:
+        self.traffic = TrafficAudit(grid)
+        return self.traffic
+
+    def findings(self) -> dict[str, Any]:
+        assert self.traffic is not None, "watch() comes first"
+        # Everything the clients hold, not only what they trained on, counts as their raw text.
+        return check(self.traffic, client_partitions(self.config), self.privatised)
+
+
+@dataclass
+class ServerFigures:
+    """What the run's server recorded about privacy: its protections' reports (`secagg`, `server_dp`),
+    the ledger check, and the method's own figures (`ServerResult.privacy`)."""
+
+    protections: dict[str, Any] = field(default_factory=dict)
+    ledger: dict[str, Any] | None = None
+    method: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: FederationRecord) -> ServerFigures:
+        method = record.result.privacy if record.result is not None else {}
+        return cls(protections=record.server_privacy, ledger=record.ledger_check, method=method)
 
 
 # ---- what the protections spent -----------------------------------------------------------------
@@ -93,44 +128,25 @@ def dp_summary(config: RunConfig, clients: Sequence[dict[str, Any]]) -> dict[str
     }
 
 
-def server_privacy_results(
-    config: RunConfig, method: Any, policy: ServerPrivacy | None, traffic: TrafficAudit | None
-) -> dict[str, Any]:
-    """What the server app adds to federation.json: its protections' report and the ledger check."""
-    added: dict[str, Any] = {}
-    if policy is not None and policy.report:
-        added[SERVER_PRIVACY] = policy.report
-    if traffic is not None:
-        from blindtune.federation.apps import client_partitions
-
-        privatised = tuple(getattr(method, "privatised_text_records", ()))
-        # Everything the clients hold, not only what they trained on, counts as their raw text.
-        added[TRAFFIC_CHECK] = check(traffic, client_partitions(config), privatised)
-    return added
-
-
-def privacy_section(config: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
-    """results.json's `privacy` section from a finished run's results (audits are added separately).
-
-    The server app's privacy records move from `details` into the section (or come from an earlier
-    section, when a finished run is audited again)."""
-    details = results.get("details", {})
+def privacy_section(config: RunConfig, results: dict[str, Any], server: ServerFigures | None) -> dict[str, Any]:
+    """results.json's `privacy` section from a finished run's results (audits are added separately):
+    what the clients' accountants report, and `server`'s figures (None: a finished run audited again,
+    whose earlier section keeps them)."""
     earlier = results.get("privacy", {})
-    server = details.pop(SERVER_PRIVACY, None) or {
-        key: earlier[key] for key in ("server_dp", "secagg") if key in earlier
-    }
-    ledger = details.pop(TRAFFIC_CHECK, None) or earlier.get("ledger")
+    if server is None:
+        server = ServerFigures(
+            protections={key: earlier[key] for key in ("server_dp", "secagg") if key in earlier},
+            ledger=earlier.get("ledger"),
+            method={key: value for key, value in earlier.items() if key not in _SECTION_KEYS},
+        )
     section: dict[str, Any] = {
         "dp": dp_summary(config, results.get("clients", [])),
-        "server_dp": server.get("server_dp", {"enabled": False}),
-        "secagg": server.get("secagg", {"enabled": False}),
+        "server_dp": server.protections.get("server_dp", {"enabled": False}),
+        "secagg": server.protections.get("secagg", {"enabled": False}),
     }
-    if ledger is not None:
-        section["ledger"] = ledger
-    method = details.pop(METHOD_PRIVACY, None)
-    if method is None:  # audited again: keep what the method reported the first time
-        method = {key: value for key, value in earlier.items() if key not in _SECTION_KEYS}
-    section.update(method)
+    if server.ledger is not None:
+        section["ledger"] = server.ledger
+    section.update(server.method)
     return section
 
 
@@ -138,35 +154,24 @@ def privacy_section(config: RunConfig, results: dict[str, Any]) -> dict[str, Any
 
 
 def final_adapter(out_dir: Path) -> dict[str, torch.Tensor]:
-    from blindtune.federation.checkpoint import latest_checkpoint
-
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint under {out_dir / 'checkpoints'}: nothing to audit")
     return checkpoint[1]
 
 
-def _strategy(config: RunConfig) -> Any:
-    adapter = getattr(config.method_config, "adapter", None)
-    if adapter is None:
-        return None
-    from blindtune.federation.strategies import configured_strategy
-
-    return configured_strategy(config.federation, adapter)
+def _strategy(config: RunConfig) -> FedAvg | None:
+    """The strategy of the adapter clients trained (None: the method has none)."""
+    adapter = get_method(config.method).client_adapter(config)
+    return None if adapter is None else configured_strategy(config.federation, adapter)
 
 
-def plugged_final_adapter(config: RunConfig, llm: LoadedModel, state: dict[str, torch.Tensor]) -> Any:
-    """A context manager giving the LLM with a run's adapter `state` plugged in, as the run's server does."""
-    from blindtune.methods import get_method
-
-    # A method whose adapter does not fit the LLM as is (FedProxy's fits its proxy) says how to plug it in.
-    method_plug = getattr(get_method(config.method), "plugged_llm", None)
-    if method_plug is not None:
-        return method_plug(config, llm, state)
-    strategy = _strategy(config)
-    if strategy is None:
-        raise ValueError(f"method {config.method!r} has no adapter to plug into the LLM")
-    return strategy.plugged_in(llm.model, state)
+def plugged_final_adapter(
+    config: RunConfig, llm: LoadedModel, state: dict[str, torch.Tensor]
+) -> AbstractContextManager[nn.Module] | None:
+    """A context manager giving the LLM with a run's adapter `state` plugged in, as the run's server
+    does (None: the method plugs nothing into the LLM)."""
+    return get_method(config.method).plugged_llm(config, llm, state)
 
 
 def _sample(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
@@ -177,11 +182,9 @@ def _sample(examples: Sequence[Example], count: int, seed: int) -> list[Example]
 
 
 def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[str, Any]:
-    from blindtune.models import load_model
-
-    strategy = _strategy(config)
-    if strategy is None:
-        return {"skipped": f"method {config.method!r} has no adapter to plug into the LLM"}
+    skipped = {"skipped": f"method {config.method!r} has no adapter to plug into the LLM"}
+    if _strategy(config) is None:
+        return skipped
     audit = config.privacy.audit
     task = load_task(config.task, config.data_dir, seed=config.seed)
     members_pool = [e for examples in client_examples(config) for e in examples]
@@ -201,7 +204,10 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
         )
 
     reference = losses(llm.model)
-    with plugged_final_adapter(config, llm, state) as adapted:
+    plugged = plugged_final_adapter(config, llm, state)
+    if plugged is None:
+        return skipped
+    with plugged as adapted:
         target = losses(adapted)
     result = membership_inference(target, reference)
     result["target"] = "LLM with the final global adapter plugged in"
@@ -211,39 +217,8 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
     return result
 
 
-@torch.no_grad()
-def perplexity(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, batch_size: int = 16
-) -> float:
-    """exp(mean negative log-likelihood per predicted token) of `texts` (each cut to `max_length` tokens)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    total_tokens = 0
-    try:
-        for start in range(0, len(texts), batch_size):
-            ids = [list(tokenizer(text)["input_ids"])[:max_length] for text in texts[start : start + batch_size]]
-            input_ids, attention_mask = pad_right(ids, pad_id)
-            device = next(model.parameters()).device
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-            logprobs = logits[:, :-1].float().log_softmax(dim=-1)
-            targets = input_ids[:, 1:].to(device)
-            mask = attention_mask[:, 1:].to(device).float()
-            nll = -(logprobs.gather(-1, targets[..., None]).squeeze(-1) * mask).sum()
-            total_nll += float(nll)
-            total_tokens += int(mask.sum())
-    finally:
-        model.train(was_training)
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
-
-
 def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """The handed-out artefact as a standalone model, against the LLM (the capability-privacy figure)."""
-    from blindtune.federation.adapter_rounds import _LAYER_MAP_FILE
-    from blindtune.models import load_model
-    from blindtune.models.artefact import has_artefact, load_artefact
-
     workdir = out_dir / "clients" / "client-0"
     if not has_artefact(workdir):
         return {"skipped": f"no handed-out artefact stored in {workdir}"}
@@ -265,17 +240,20 @@ def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], prog
     result["artefact_accuracy"] = metrics.get("emulator_zero_shot")
     if result["artefact_accuracy"] is None:
         result["artefact_accuracy"] = evaluate(artefact.model, artefact.tokenizer, "artefact")
-    result["llm_perplexity"] = perplexity(llm.model, llm.tokenizer, texts, max_length, config.eval.batch_size)
+    batch_size = config.eval.batch_size
+    result["llm_perplexity"] = perplexity(
+        llm.model, llm.tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=False
+    )
     result["artefact_perplexity"] = perplexity(
-        artefact.model, artefact.tokenizer, texts, max_length, config.eval.batch_size
+        artefact.model, artefact.tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=False
     )
     strategy = _strategy(config)
     if strategy is not None:
-        layer_map = {int(k): v for k, v in json.loads((workdir / _LAYER_MAP_FILE).read_text()).items()}
+        layer_map = {int(k): v for k, v in json.loads((workdir / LAYER_MAP_FILE).read_text()).items()}
         adapted = strategy.prepare_client(artefact.model, final_adapter(out_dir), layer_map, None, config.seed)
         result["artefact_adapted_accuracy"] = evaluate(adapted.model, artefact.tokenizer, "artefact + adapter")
         result["artefact_adapted_perplexity"] = perplexity(
-            adapted.model, artefact.tokenizer, texts, max_length, config.eval.batch_size
+            adapted.model, artefact.tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=False
         )
     result["perplexity_ratio"] = result["artefact_perplexity"] / result["llm_perplexity"]
     best_artefact = max(
@@ -291,14 +269,16 @@ def run_audits(
     config: RunConfig,
     out_dir: Path,
     results: dict[str, Any],
+    server: ServerFigures | None = None,
     *,
     membership: bool | None = None,
     misuse: bool | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The full `privacy` section: what was spent plus the audits the config (or the caller) asks for."""
+    """The full `privacy` section: what was spent plus the audits the config (or the caller) asks for;
+    `server`: what the run's server recorded (None: a finished run audited again)."""
     earlier = results.get("privacy", {})
-    section = privacy_section(config, results)
+    section = privacy_section(config, results, server)
     audit = config.privacy.audit
     if audit.membership_inference if membership is None else membership:
         log.info("membership inference audit")
@@ -315,9 +295,6 @@ def run_audits(
 
 def audit_run(run_dir: Path, *, membership: bool = True, misuse: bool = True, progress: bool = False) -> dict[str, Any]:
     """Audit a finished run directory again: rewrite its results.json `privacy` section and report.md."""
-    from blindtune.config import run_config_from_dict
-    from blindtune.privacy.report import add_privacy_section
-    from blindtune.report import write_report
 
     results_file = run_dir / "results.json"
     if not results_file.is_file():

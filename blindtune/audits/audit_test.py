@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from blindtune.cli import app
 from blindtune.conftest import tiny_run_config
+from blindtune.federation.rounds import TooFewClientsError
 from blindtune.federation.strategies import FedAvg
 from blindtune.runner import run_experiment
 
@@ -44,10 +45,14 @@ def test_a_dp_run_reports_its_epsilon_and_audits_next_to_utility(dp_run):
 
     mia = results["privacy"]["membership_inference"]
     assert mia["members"] == mia["nonmembers"] == 20
-    for attack in ("loss", "loss_ratio"):
-        assert 0 <= mia[attack]["auc"] <= 1 and 0 <= mia[attack]["tpr_at_1pct_fpr"] <= 1
+    for attack in ("loss", "loss_ratio"):  # the share of the 20 x 20 (member, non-member) pairs ranked right
+        assert mia[attack]["auc"] * 400 == pytest.approx(round(mia[attack]["auc"] * 400))
+    # the attacked model is the LLM with the final adapter plugged in, not the LLM itself
+    assert mia["mean_loss_members"] != pytest.approx(mia["mean_reference_loss_members"])
     misuse = results["privacy"]["misuse"]
-    assert 0 <= misuse["artefact_adapted_accuracy"] <= 1 and misuse["artefact_perplexity"] > 1
+    assert misuse["artefact_adapted_accuracy"] * 12 == pytest.approx(round(misuse["artefact_adapted_accuracy"] * 12))
+    assert misuse["artefact_perplexity"] > 1
+    assert misuse["artefact_adapted_perplexity"] != pytest.approx(misuse["artefact_perplexity"])  # adapter applied
     assert misuse["artefact_parameters"] < misuse["llm_parameters"]
     assert results["privacy"]["ledger"]["passed"] and results["privacy"]["ledger"]["replies_checked"] == 6
 
@@ -80,7 +85,7 @@ def test_a_dp_run_refuses_to_start_when_opacus_cannot_make_the_model_private(tin
 
     monkeypatch.setattr(FedAvg, "prepare_client", with_batch_norm)
     config = tiny_run_config("offsite", tiny_model_dir, DP_RUN)
-    with pytest.raises(Exception, match="Opacus cannot make this model private"):
+    with pytest.raises(TooFewClientsError, match="Opacus cannot make this model private"):
         run_experiment(config, tmp_path, progress=False)
     federation = json.loads((tmp_path / "federation.json").read_text())
     assert federation["status"] == "failed"

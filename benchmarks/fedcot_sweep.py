@@ -1,6 +1,6 @@
 """FedCoT's privacy-utility curve: one run per privatisation epsilon, a JSON table, a Markdown table and a plot.
 
-    python -m blindtune.methods.fedcot.sweep blindtune/configs/fedcot_wordnet_3clients.yaml \\
+    python -m benchmarks.fedcot_sweep blindtune/configs/fedcot_wordnet_3clients.yaml \\
         --epsilons 1,3,10,inf --out runs/fedcot-sweep
 
 Each epsilon is a full run (`DIR/eps-<epsilon>/results.json`); the label-only pass and the reference
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import RunConfig, load_run_config
-from blindtune.privacy.audit import METHOD_PRIVACY
+from blindtune.config import RunConfig
+from blindtune.methods import load_run_config
 from blindtune.runner import run_experiment
 
 SWEEP_JSON = "sweep.json"
@@ -45,8 +45,7 @@ def epsilon_name(epsilon: float) -> str:
 
 
 def sweep_row(epsilon: float, results: dict[str, Any]) -> dict[str, Any]:
-    # The method's figures: in the privacy section, or in details where the runner leaves them.
-    privacy = {**results["details"].get(METHOD_PRIVACY, {}), **results.get("privacy", {})}
+    privacy = results["privacy"]  # FedCoT's own figures are lifted into the privacy section
     top_k = next((key for key in privacy if key.startswith("recovery_rate_top")), None)
     return {
         "epsilon": epsilon_name(epsilon),

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from blindtune.data import Example
-from blindtune.privacy.grids import DelegatingGrid
+from blindtune.federation.grids import DelegatingGrid
 
 SHINGLE_WORDS = 6
 MIN_FRAGMENT_CHARS = 12
