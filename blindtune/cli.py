@@ -1,4 +1,4 @@
-"""The `blindtune` command line: demo, run, eval."""
+"""The `blindtune` command line: demo, run, eval, export."""
 
 from __future__ import annotations
 
@@ -131,6 +131,31 @@ def evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2))
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (with config.json and checkpoints/).")],
+    out: Annotated[Path, typer.Option(help="Where merged/, adapter/ (and base/) go.")] = Path("runs/export"),
+    round_number: Annotated[int | None, typer.Option("--round", help="Export this round (default: the last).")] = None,
+    party: Annotated[
+        str | None, typer.Option(help="Whose model: the server LLM (default) or client-N (FedCoT).")
+    ] = None,
+) -> None:
+    """The run's adapted model as a merged Hugging Face model and a PEFT adapter, each with a model card."""
+    from blindtune.export import ExportError, export_run
+
+    try:
+        exported = export_run(run_dir, out, round_number, party)
+    except ExportError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"exported round {exported.round} of {exported.rounds}")
+    for label, path in (("merged", exported.merged), ("adapter", exported.adapter), ("base", exported.base)):
+        if path is not None:
+            console.print(f"{label + ':':9}{path}")
+    for note in exported.notes:
+        console.print(f"note: {note}")
 
 
 @app.command()
