@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from blindtune.config import RunConfig, run_config_from_dict
-from blindtune.data import load_task
+from blindtune.data import TaskKind, load_task
 from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_partitions
 from blindtune.federation.engine import run_federation
 from blindtune.methods import get_method
@@ -77,6 +77,8 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
         "method": config.method,
         "model": config.model,
         "task": config.task,
+        # What the metrics' figures are: accuracy, or the test responses' mean token NLL (instruction data).
+        "metric": "response_nll" if inputs.task.kind is TaskKind.INSTRUCTION else "accuracy",
         "num_clients": config.federation.num_clients,
         "rounds": config.federation.rounds,
         "metrics": metrics,
