@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -13,12 +14,16 @@ import typer
 from rich.console import Console
 
 from blindtune.config import ConfigError, load_run_config
+from blindtune.models.device import Placement
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console()
 
 DEMO_CONFIG = "offsite_wordnet_3clients.yaml"
 DEMO_QUICK_CONFIG = "offsite_wordnet_3clients_quick.yaml"
+DeviceOption = Annotated[
+    str | None, typer.Option(help="auto (CUDA when present), cpu or cuda; overrides the config's `device`.")
+]
 
 
 def packaged_config(name: str) -> Path:
@@ -51,10 +56,11 @@ def _run(config_path: Path, out: Path, overrides: dict | None, verbose: bool, re
 def demo(
     quick: Annotated[bool, typer.Option(help="Small budget: about 5 minutes on 2 CPU cores.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
+    device: DeviceOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Offsite tuning of SmolLM2-135M-Instruct by 3 clients on the WordNet supersense task."""
-    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, verbose)
+    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, _device(None, device), verbose)
 
 
 @app.command()
@@ -63,11 +69,25 @@ def run(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/run"),
     engine: Annotated[str | None, typer.Option(help="Override federation.engine: simulation or inprocess.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    device: DeviceOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment a YAML config describes."""
     overrides = {"federation": {"engine": engine}} if engine else None
-    _run(config, out, overrides, verbose, resume)
+    _run(config, out, _device(overrides, device), verbose, resume)
+
+
+def _device(overrides: dict | None, device: str | None) -> dict | None:
+    return {**(overrides or {}), "device": device} if device else overrides
+
+
+def _placement(device: str | None, bf16: bool = False) -> Placement:
+    from blindtune.models.device import DeviceError, resolve_placement
+
+    try:
+        return resolve_placement(device or "auto", bf16)
+    except (DeviceError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 @app.command()
@@ -95,19 +115,22 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 32,
     length_normalized: Annotated[bool, typer.Option(help="Score options per character (acc_norm).")] = False,
     out: Annotated[Path | None, typer.Option(help="Write DIR/eval.json.")] = None,
+    device: DeviceOption = None,
 ) -> None:
-    """Zero-shot accuracy of a model on a task."""
-    from blindtune.data import load_task
+    """Zero-shot accuracy of a model on a task (instruction data: the responses' mean token NLL)."""
+    from blindtune.data import TaskKind, load_task
     from blindtune.eval.tasks import evaluate_examples
     from blindtune.models import load_model
+    from blindtune.models.device import placed
 
     if split not in {"train", "validation", "test"}:
         raise typer.BadParameter("split must be train, validation or test")
     started = time.perf_counter()
-    loaded = load_model(model)
+    with placed(_placement(device)):
+        loaded = load_model(model)
     data = load_task(task, data_dir)
     examples = getattr(data, split)[:limit]
-    accuracy = evaluate_examples(
+    score = evaluate_examples(
         loaded.model,
         loaded.tokenizer,
         examples,
@@ -117,17 +140,21 @@ def evaluate(
         desc=f"{task} {split}",
     )
     seconds = time.perf_counter() - started
+    metric = "response_nll" if data.kind is TaskKind.INSTRUCTION else "accuracy"
     result = {
         "task": task,
         "model": loaded.name,
         "split": split,
         "num_examples": len(examples),
-        "accuracy": accuracy,
+        metric: score,
         "seconds": seconds,
     }
-    console.print(
-        f"{task} ({split}, {len(examples)} examples): accuracy [bold]{accuracy:.4f}[/bold] in {seconds:.1f} s"
+    shown = (
+        f"response NLL [bold]{score:.4f}[/bold] (perplexity {math.exp(score):.2f})"
+        if metric != "accuracy"
+        else f"accuracy [bold]{score:.4f}[/bold]"
     )
+    console.print(f"{task} ({split}, {len(examples)} examples): {shown} in {seconds:.1f} s")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -141,12 +168,15 @@ def export_command(
     party: Annotated[
         str | None, typer.Option(help="Whose model: the server LLM (default) or client-N (FedCoT).")
     ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """The run's adapted model as a merged Hugging Face model and a PEFT adapter, each with a model card."""
     from blindtune.export import ExportError, export_run
+    from blindtune.models.device import placed
 
     try:
-        exported = export_run(run_dir, out, round_number, party)
+        with placed(_placement(device)):
+            exported = export_run(run_dir, out, round_number, party)
     except ExportError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None

@@ -14,6 +14,7 @@ from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_part
 from blindtune.federation.engine import run_federation
 from blindtune.methods import get_method
 from blindtune.methods.base import BaselineInputs
+from blindtune.models.device import placed
 from blindtune.privacy.audit import run_audits
 from blindtune.privacy.report import add_privacy_section
 from blindtune.report import write_report
@@ -46,7 +47,8 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
     server_app, client_app = build_apps(config, out_dir, progress, resume)
-    run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine)
+    placement = config.placement()
+    run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine, placement.gpu)
     if not federation_file.is_file():
         raise RunFailedError(f"the federation ended without writing {federation_file}")
     federation = json.loads(federation_file.read_text())
@@ -62,10 +64,11 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
         progress=progress,
     )
     metrics = federation["metrics"]
-    if config.baselines.centralized:
-        metrics["centralized"] = method.centralized(inputs)
-    if config.baselines.local_only:
-        metrics["local_only"] = method.local_only(inputs)
+    with placed(placement):  # the reference rows compute where the federation did
+        if config.baselines.centralized:
+            metrics["centralized"] = method.centralized(inputs)
+        if config.baselines.local_only:
+            metrics["local_only"] = method.local_only(inputs)
 
     cost = federation["cost"]
     train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in federation["clients"])
@@ -94,7 +97,8 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
         "config": config.to_dict(),
     }
     # What the privacy protections spent, the ledger check, and the audits the config asks for.
-    results["privacy"] = run_audits(config, out_dir, results, progress=progress)
+    with placed(placement):
+        results["privacy"] = run_audits(config, out_dir, results, progress=progress)
     (out_dir / RESULTS).write_text(json.dumps(results, indent=2))
     write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
     add_privacy_section(out_dir / "report.md", [results])

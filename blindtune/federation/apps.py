@@ -23,6 +23,7 @@ from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
 from blindtune.methods import get_method
 from blindtune.methods.base import ClientRun, ServerRun
+from blindtune.models.device import placed
 from blindtune.privacy.accountant import reset_accountant
 from blindtune.privacy.audit import server_privacy_results
 from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
@@ -55,7 +56,7 @@ def build_apps(
         exchange = Exchange(traffic or grid, timeout_seconds=config.federation.client_timeout_seconds)
         policy: ServerPrivacy | None = None
         try:
-            with server_privacy(config.privacy) as policy:
+            with placed(config.placement()), server_privacy(config.privacy) as policy:
                 result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             result["status"] = "completed"
         except Exception as error:  # record why the run stopped, then let the engine see the error
@@ -81,7 +82,7 @@ def build_apps(
         kind = MessageKind(message.metadata.message_type)
         if kind is MessageKind.SETUP and not resume:
             reset_accountant(workdir)  # a new run: its privacy accounting starts from zero
-        with client_privacy(config.privacy, workdir, config.federation.rounds):
+        with placed(config.placement()), client_privacy(config.privacy, workdir, config.federation.rounds):
             reply = method.client(kind, message.content, run)
         return Message(reply, reply_to=message)
 
