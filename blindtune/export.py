@@ -263,6 +263,10 @@ def _epsilon(section: dict[str, Any]) -> str:
     return f"ε = {'∞' if epsilon is None else f'{epsilon:.3g}'} (δ = {delta if delta is not None else '-'})"
 
 
+def _nll(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) or not math.isfinite(value) else f"{value:.4f}"
+
+
 def privacy_line(privacy: dict[str, Any] | None) -> str:
     if not privacy:
         return "not recorded (the run has no results.json)"
@@ -290,8 +294,10 @@ def model_card(
     complete = results is not None and exported.round == exported.rounds
     status = "" if complete else " (the run did not finish or another round was chosen: this is that round's state)"
     metrics = results.get("metrics", {}) if results else {}
-    rows = [f"| {name} | {_percent(value)} |" for name, value in metrics.items() if isinstance(value, int | float)]
-    history = [f"| round {row['round']} plug-in | {_percent(row.get('plugin'))} |" for row in meta.get("history", [])]
+    nll = results is not None and results.get("metric") == "response_nll"
+    shown = _nll if nll else _percent
+    rows = [f"| {name} | {shown(value)} |" for name, value in metrics.items() if isinstance(value, int | float)]
+    history = [f"| round {row['round']} plug-in | {shown(row.get('plugin'))} |" for row in meta.get("history", [])]
     evaluate = f"blindtune eval --model {exported.merged} --task {config.task}"
     if config.data_dir:
         evaluate += f" --data-dir {config.data_dir}"
@@ -312,7 +318,7 @@ def model_card(
         f"- made by: `{command}`",
         *(f"- note: {note}" for note in exported.notes),
         "",
-        "| row | accuracy |",
+        f"| row | {'test response NLL (nats per token, lower is better)' if nll else 'accuracy'} |",
         "|---|---|",
         *rows,
         *history,

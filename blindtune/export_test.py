@@ -10,6 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from blindtune.config import merge
 from blindtune.conftest import tiny_run_config
 from blindtune.export import ExportError, export_run, export_target, run_config_of
 from blindtune.federation.checkpoint import latest_checkpoint
@@ -96,8 +97,13 @@ def test_a_crashed_run_exports_its_last_complete_round(lora_run, tmp_path):
         export_run(crashed, tmp_path / "again", round_number=2)
 
 
-def test_soft_prompt_exports_as_peft_prompt_tuning(tiny_model_dir, tmp_path):
-    run_dir = _run("offsite", tiny_model_dir, tmp_path / "run", {"offsite": {"adapter": {"kind": "soft_prompt"}}})
+@pytest.mark.parametrize("method", ["offsite", "lleot"])
+def test_soft_prompt_exports_as_peft_prompt_tuning(method, tiny_model_dir, tmp_path, monkeypatch):
+    from blindtune.methods.methods_test import TINY_METHOD_SECTIONS
+
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
+    overrides = merge(TINY_METHOD_SECTIONS.get(method, {}), {method: {"adapter": {"kind": "soft_prompt"}}})
+    run_dir = _run(method, tiny_model_dir, tmp_path / "run", overrides)
     exported = export_run(run_dir, tmp_path / "out")
     assert exported.merged is None and exported.adapter is not None
     assert json.loads((exported.adapter / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
