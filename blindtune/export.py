@@ -177,7 +177,8 @@ def export_run(run_dir: Path, out: Path, round_number: int | None = None, party:
     command = ["blindtune", "export", str(run_dir), "--out", str(out)]
     command += ["--round", str(round_number)] if round_number is not None else []
     command += ["--party", party] if party else []
-    card = model_card(config, target.party, exported, meta, results, shlex.join(command))
+    rerun = shlex.join(["blindtune", "run", str(run_dir / "config.json"), "--out", str(run_dir)])
+    card = model_card(config, target.party, exported, meta, results, f"`{rerun}`, then `{shlex.join(command)}`")
     for directory in (exported.merged, exported.adapter):
         if directory is not None:
             (directory / "README.md").write_text(card, encoding="utf-8")
@@ -315,7 +316,7 @@ def model_card(
         f"- clients: {config.federation.num_clients}",
         f"- base model: {config.model}" + (f" (saved in {exported.base})" if exported.base else ""),
         f"- privacy: {privacy_line(results.get('privacy') if results else None)}",
-        f"- made by: `{command}`",
+        f"- made by: {command}",
         *(f"- note: {note}" for note in exported.notes),
         "",
         f"| row | {'test response NLL (nats per token, lower is better)' if nll else 'accuracy'} |",

@@ -162,3 +162,16 @@ def test_other_methods_export_the_model_they_adapted(method, tiny_model_dir, tmp
     assert (method == "fedcot") == (Path(base_dir) == (tmp_path / "out" / "base").resolve())
     on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), exported.adapter)
     torch.testing.assert_close(_logits(on_base, target.base.tokenizer), plugin, atol=1e-5, rtol=0)
+
+
+def test_the_export_command(lora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from blindtune.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(lora_run), "--out", str(tmp_path / "out"), "--round", "1"])
+    assert result.exit_code == 0, result.output
+    assert "exported round 1 of 2" in result.output and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert f"blindtune run {lora_run}/config.json" in (tmp_path / "out" / "merged" / "README.md").read_text()
+    result = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "no config.json" in result.output
