@@ -115,6 +115,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 32,
     length_normalized: Annotated[bool, typer.Option(help="Score options per character (acc_norm).")] = False,
     out: Annotated[Path | None, typer.Option(help="Write DIR/eval.json.")] = None,
+    generate: Annotated[
+        bool, typer.Option(help="Instruction data: also exact match and ROUGE-L of greedy responses.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens per response at most.")] = 256,
     device: DeviceOption = None,
 ) -> None:
     """Zero-shot accuracy of a model on a task (instruction data: the responses' mean token NLL)."""
@@ -154,7 +158,15 @@ def evaluate(
         if metric != "accuracy"
         else f"accuracy [bold]{score:.4f}[/bold]"
     )
-    console.print(f"{task} ({split}, {len(examples)} examples): {shown} in {seconds:.1f} s")
+    if generate and metric != "accuracy":
+        from blindtune.eval.instruction import evaluate_generated_responses
+
+        generated = evaluate_generated_responses(
+            loaded.model, loaded.tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        result.update({"exact_match": generated.exact_match, "rouge_l": generated.rouge_l})
+        shown += f", exact match {generated.exact_match:.4f}, ROUGE-L {generated.rouge_l:.4f}"
+    console.print(f"{task} ({split}, {len(examples)} examples): {shown} in {time.perf_counter() - started:.1f} s")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2))

@@ -8,7 +8,7 @@ import torch
 from blindtune.data import TaskKind
 from blindtune.data.instruction import instruction_example
 from blindtune.encoding import ChatPrompt, encode_pair, prompt_ids
-from blindtune.eval.instruction import evaluate_responses
+from blindtune.eval.instruction import evaluate_generated_responses, evaluate_responses, rouge_l
 from blindtune.eval.tasks import evaluate_examples
 from blindtune.models import tiny_model
 from blindtune.training import TrainConfig, train
@@ -74,3 +74,22 @@ def test_training_on_responses_lowers_their_nll():
 def test_no_examples_is_an_error(tiny):
     with pytest.raises(ValueError, match="no examples"):
         evaluate_responses(tiny.model, tiny.tokenizer, [], progress=False)
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_word_subsequence():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("a b c d", "a x c y") == pytest.approx(0.5)  # LCS "a c": P = R = 2/4
+    assert rouge_l("the cat", "the big cat sat") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert rouge_l("dog", "cat") == 0.0 and rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
+
+
+def test_generated_responses_are_scored_against_the_targets(tiny, monkeypatch):
+    import blindtune.eval.instruction as instruction
+
+    examples = _examples(3)
+    monkeypatch.setattr(instruction, "generate_texts", lambda *a, **k: [examples[0].target, "1", "nothing"])
+    scored = evaluate_generated_responses(tiny.model, tiny.tokenizer, examples, progress=False)
+    assert scored.exact_match == pytest.approx(1 / 3)
+    assert scored.rouge_l == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)  # "1" against "1 2": P = 1, R = 1/2
+    real = evaluate_generated_responses(tiny.model, tiny.tokenizer, examples[:1], max_new_tokens=3, progress=False)
+    assert len(real.predictions) == 1 and 0.0 <= real.rouge_l <= 1.0
