@@ -91,5 +91,6 @@ def test_generated_responses_are_scored_against_the_targets(tiny, monkeypatch):
     scored = evaluate_generated_responses(tiny.model, tiny.tokenizer, examples, progress=False)
     assert scored.exact_match == pytest.approx(1 / 3)
     assert scored.rouge_l == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)  # "1" against "1 2": P = 1, R = 1/2
+    monkeypatch.undo()
     real = evaluate_generated_responses(tiny.model, tiny.tokenizer, examples[:1], max_new_tokens=3, progress=False)
     assert len(real.predictions) == 1 and 0.0 <= real.rouge_l <= 1.0
