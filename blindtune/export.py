@@ -268,6 +268,15 @@ def _nll(value: Any) -> str:
     return "-" if not isinstance(value, int | float) or not math.isfinite(value) else f"{value:.4f}"
 
 
+def _scores_responses(config: RunConfig, results: dict[str, Any] | None) -> bool:
+    """Whether the run's figures are response NLLs (instruction data) rather than accuracies."""
+    if results is not None and "metric" in results:
+        return bool(results["metric"] == "response_nll")
+    from blindtune.data import TaskKind, load_task  # a crashed run (or one from before `metric`): ask the task
+
+    return load_task(config.task, config.data_dir, seed=config.seed).kind is TaskKind.INSTRUCTION
+
+
 def privacy_line(privacy: dict[str, Any] | None) -> str:
     if not privacy:
         return "not recorded (the run has no results.json)"
@@ -295,7 +304,7 @@ def model_card(
     complete = results is not None and exported.round == exported.rounds
     status = "" if complete else " (the run did not finish or another round was chosen: this is that round's state)"
     metrics = results.get("metrics", {}) if results else {}
-    nll = results is not None and results.get("metric") == "response_nll"
+    nll = _scores_responses(config, results)
     shown = _nll if nll else _percent
     rows = [f"| {name} | {shown(value)} |" for name, value in metrics.items() if isinstance(value, int | float)]
     history = [f"| round {row['round']} plug-in | {shown(row.get('plugin'))} |" for row in meta.get("history", [])]

@@ -30,6 +30,11 @@ def test_adapter_methods_train_on_instruction_data(method, instruction_file, tin
     metrics = results["metrics"]
     assert results["metric"] == "response_nll"
     assert 0 < metrics["llm_zero_shot"] < 50 and 0 < metrics["plugin"] < 50  # nats per response token
+    if method == "offsite":  # the export's model card reports NLLs, not accuracies
+        from blindtune.export import export_run
+
+        card = (export_run(tmp_path / "run", tmp_path / "out").merged / "README.md").read_text()
+        assert "test response NLL" in card and f"| plugin | {metrics['plugin']:.4f} |" in card
 
 
 def test_fedcot_refuses_instruction_data(instruction_file, tiny_model_dir, tmp_path):
