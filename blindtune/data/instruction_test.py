@@ -6,6 +6,7 @@ import pytest
 
 from blindtune.data import DataFormatError, TaskKind, load_task
 from blindtune.data.instruction import load_instruction_data
+from blindtune.data.records import benchmark_dir
 from blindtune.encoding import ChatPrompt
 
 
@@ -69,11 +70,8 @@ def test_a_directory_without_a_test_split_is_refused(tmp_path):
         load_instruction_data(tmp_path)
 
 
-def test_the_shipped_gsm8k_solutions_task(monkeypatch):
-    monkeypatch.setenv("BLINDTUNE_DATA_DIR", "/work/shared/data")
-    try:
-        task = load_task("gsm8k-solutions")
-    except FileNotFoundError:
-        pytest.skip("GSM8K files not present")
+@pytest.mark.skipif(not (benchmark_dir("gsm8k", None) / "train.jsonl").is_file(), reason="no ../shared/data")
+def test_the_shipped_gsm8k_solutions_task():
+    task = load_task("gsm8k-solutions")
     assert task.kind is TaskKind.INSTRUCTION and len(task.test) == 1319 and len(task.validation) == 200
     assert "<<" not in task.test[0].target and task.test[0].target.rstrip().split()[-1] == "18"
