@@ -1,9 +1,10 @@
-"""The `blindtune` command line: demo, run, eval."""
+"""The `blindtune` command line: demo, run, eval, export."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from rich.markup import escape
 
 from blindtune.config import ConfigError, RunConfig, packaged_config, resolve_config
 from blindtune.methods import load_run_config
+from blindtune.models.device import Placement
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console()
@@ -22,6 +24,9 @@ DEMO_CONFIG = "offsite_wordnet_3clients.yaml"
 DEMO_QUICK_CONFIG = "offsite_wordnet_3clients_quick.yaml"
 CONFIG_HELP = "A run config YAML: a path, or the name of a config in blindtune/configs/."
 SET_HELP = "Override one config field, e.g. --set train.steps=40 (repeatable; the value is YAML)."
+DeviceOption = Annotated[
+    str | None, typer.Option(help="auto (CUDA when present), cpu or cuda; overrides the config's `device`.")
+]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -57,10 +62,12 @@ def demo(
     quick: Annotated[bool, typer.Option(help="Small budget: about 5 minutes on 2 CPU cores.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    device: DeviceOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Offsite tuning of SmolLM2-135M-Instruct by 3 clients on the WordNet supersense task."""
-    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, settings, verbose)
+    config = packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG)
+    _run(config, out, _device(None, device), settings, verbose)
 
 
 @app.command()
@@ -70,11 +77,25 @@ def run(
     engine: Annotated[str | None, typer.Option(help="Override federation.engine: simulation or inprocess.")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    device: DeviceOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment a YAML config describes."""
     overrides = {"federation": {"engine": engine}} if engine else None
-    _run(config, out, overrides, settings, verbose, resume)
+    _run(config, out, _device(overrides, device), settings, verbose, resume)
+
+
+def _device(overrides: dict | None, device: str | None) -> dict | None:
+    return {**(overrides or {}), "device": device} if device else overrides
+
+
+def _placement(device: str | None, bf16: bool = False) -> Placement:
+    from blindtune.models.device import DeviceError, resolve_placement
+
+    try:
+        return resolve_placement(device or "auto", bf16)
+    except (DeviceError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 @app.command()
@@ -102,19 +123,26 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 32,
     length_normalized: Annotated[bool, typer.Option(help="Score options per character (acc_norm).")] = False,
     out: Annotated[Path | None, typer.Option(help="Write DIR/eval.json.")] = None,
+    generate: Annotated[
+        bool, typer.Option(help="Instruction data: also exact match and ROUGE-L of greedy responses.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens per response at most.")] = 256,
+    device: DeviceOption = None,
 ) -> None:
-    """Zero-shot accuracy of a model on a task."""
-    from blindtune.data import load_task
+    """Zero-shot accuracy of a model on a task (instruction data: the responses' mean token NLL)."""
+    from blindtune.data import TaskKind, load_task
     from blindtune.eval.tasks import evaluate_examples
     from blindtune.models import load_model
+    from blindtune.models.device import placed
 
     if split not in {"train", "validation", "test"}:
         raise typer.BadParameter("split must be train, validation or test")
     started = time.perf_counter()
-    loaded = load_model(model)
+    with placed(_placement(device)):
+        loaded = load_model(model)
     data = load_task(task, data_dir)
     examples = getattr(data, split)[:limit]
-    accuracy = evaluate_examples(
+    score = evaluate_examples(
         loaded.model,
         loaded.tokenizer,
         examples,
@@ -124,20 +152,60 @@ def evaluate(
         desc=f"{task} {split}",
     )
     seconds = time.perf_counter() - started
+    metric = "response_nll" if data.kind is TaskKind.INSTRUCTION else "accuracy"
     result = {
         "task": task,
         "model": loaded.name,
         "split": split,
         "num_examples": len(examples),
-        "accuracy": accuracy,
+        metric: score,
         "seconds": seconds,
     }
-    console.print(
-        f"{task} ({split}, {len(examples)} examples): accuracy [bold]{accuracy:.4f}[/bold] in {seconds:.1f} s"
+    shown = (
+        f"response NLL [bold]{score:.4f}[/bold] (perplexity {math.exp(score):.2f})"
+        if metric != "accuracy"
+        else f"accuracy [bold]{score:.4f}[/bold]"
     )
+    if generate and metric != "accuracy":
+        from blindtune.eval.instruction import evaluate_generated_responses
+
+        generated = evaluate_generated_responses(
+            loaded.model, loaded.tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        result.update({"exact_match": generated.exact_match, "rouge_l": generated.rouge_l})
+        shown += f", exact match {generated.exact_match:.4f}, ROUGE-L {generated.rouge_l:.4f}"
+    console.print(f"{task} ({split}, {len(examples)} examples): {shown} in {time.perf_counter() - started:.1f} s")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2))
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (with config.json and checkpoints/).")],
+    out: Annotated[Path, typer.Option(help="Where merged/, adapter/ (and base/) go.")] = Path("runs/export"),
+    round_number: Annotated[int | None, typer.Option("--round", help="Export this round (default: the last).")] = None,
+    party: Annotated[
+        str | None, typer.Option(help="Whose model: the server LLM (default) or client-N (FedCoT).")
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """The run's adapted model as a merged Hugging Face model and a PEFT adapter, each with a model card."""
+    from blindtune.export import ExportError, export_run
+    from blindtune.models.device import placed
+
+    try:
+        with placed(_placement(device)):
+            exported = export_run(run_dir, out, round_number, party)
+    except ExportError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    console.print(f"exported round {exported.round} of {exported.rounds}")
+    for label, path in (("merged", exported.merged), ("adapter", exported.adapter), ("base", exported.base)):
+        if path is not None:
+            console.print(f"{label + ':':9}{path}")
+    for note in exported.notes:
+        console.print(f"note: {note}")
 
 
 @app.command()

@@ -28,6 +28,7 @@ from blindtune.data.partition import PartitionScheme
 from blindtune.eval.tasks import TaskEvaluator
 from blindtune.federation.engine import Engine
 from blindtune.federation.strategies import StrategyName
+from blindtune.models.device import DeviceName, Placement, resolve_placement
 from blindtune.models.loading import DEFAULT_MODEL
 from blindtune.privacy.config import PrivacyConfig
 from blindtune.training.loop import TrainConfig
@@ -157,7 +158,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    device: DeviceName = DeviceName.AUTO  # auto: CUDA when present, else the CPU
+    bf16: bool = False  # bfloat16 weights (CUDA only; the CPU stays float32)
     method_config: Any = None
+
+    def placement(self) -> Placement:
+        """Where every party of this run computes (see `blindtune.models.device`)."""
+        return resolve_placement(self.device, self.bf16)
 
     def to_dict(self) -> dict[str, Any]:
         data = _to_plain(self)

@@ -6,10 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from blindtune.config import RunConfig, merge
 from blindtune.methods import run_config_from_dict
 from blindtune.models import tiny_model
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where torch sees a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

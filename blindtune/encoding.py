@@ -16,6 +16,32 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+class ChatPrompt(str):
+    """A prompt that is a conversation (instruction data): its plain text is the fallback rendering, and
+    `messages` ((role, content) pairs before the response) is rendered with the tokenizer's chat template
+    when it has one. A `str`, so every path that tokenises prompts takes it unchanged."""
+
+    messages: tuple[tuple[str, str], ...]
+
+    def __new__(cls, plain: str, messages: tuple[tuple[str, str], ...]) -> ChatPrompt:
+        prompt = super().__new__(cls, plain)
+        prompt.messages = messages
+        return prompt
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[tuple[str, str], ...]]]:
+        return ChatPrompt, (str(self), self.messages)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of a prompt: a `ChatPrompt` through the chat template (with the assistant's turn opened)
+    when the tokenizer has one, anything else as plain text with the tokenizer's default special tokens."""
+    if isinstance(prompt, ChatPrompt) and tokenizer.chat_template:
+        messages = [{"role": role, "content": content} for role, content in prompt.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
 def encode_pair(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
@@ -32,16 +58,16 @@ def encode_pair(
     `cut_continuation` a continuation too long to leave half of `max_length` to the prompt is cut instead
     (otherwise it is an error).
     """
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    prompt_tokens = prompt_ids(tokenizer, prompt)
     continuation_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
     if not continuation_ids:
         raise ValueError(f"continuation {continuation!r} has no tokens")
-    if not prompt_ids:
+    if not prompt_tokens:
         raise ValueError("the prompt has no tokens: nothing would predict the continuation's first token")
     if cut_continuation:
         # A long supplementary target (a worked solution) keeps its beginning and at least half of
         # max_length (or the whole prompt) stays for the prompt that conditions it.
-        continuation_ids = continuation_ids[: max(1, max_length - min(len(prompt_ids), max_length // 2))]
+        continuation_ids = continuation_ids[: max(1, max_length - min(len(prompt_tokens), max_length // 2))]
     # At least one prompt token must stay: it is the position that predicts the first continuation token.
     room = max_length - len(continuation_ids)
     if room < 1:
@@ -49,8 +75,8 @@ def encode_pair(
             f"continuation of {len(continuation_ids)} tokens leaves no room for the prompt "
             f"within max_length={max_length}"
         )
-    prompt_ids = prompt_ids[-room:]
-    return prompt_ids + continuation_ids, len(prompt_ids)
+    prompt_tokens = prompt_tokens[-room:]
+    return prompt_tokens + continuation_ids, len(prompt_tokens)
 
 
 @dataclass

@@ -23,13 +23,14 @@ from flwr.serverapp import ServerApp
 from blindtune.audits.audit import LedgerCheck, ServerFigures, run_audits
 from blindtune.audits.report import add_privacy_section
 from blindtune.config import RunConfig
-from blindtune.data import load_task
+from blindtune.data import TaskKind, load_task
 from blindtune.federation.apps import FEDERATION_RESULT, FederationRecord, build_apps, client_partitions
 from blindtune.federation.deployment import AppComponents, DeploymentOptions, TlsFiles, run_deployment
 from blindtune.federation.engine import run_federation
 from blindtune.federation.flower_app import DeployedApps
 from blindtune.methods import config_class, get_method, run_config_from_dict
 from blindtune.methods.base import BaselineInputs
+from blindtune.models.device import placed
 from blindtune.report import write_report
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def local_federation(progress: bool = True) -> FederationRunner:
 
     def run(config: RunConfig, out_dir: Path, resume: bool) -> None:
         server_app, client_app = method_apps(config, out_dir, progress, resume)
-        run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine)
+        gpu = config.placement().gpu  # simulated clients share the GPU
+        run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine, gpu)
 
     return run
 
@@ -104,10 +106,12 @@ def run_experiment(
         progress=progress,
     )
     metrics: dict[str, float] = dict(result.metrics)
-    if config.baselines.centralized:
-        metrics["centralized"] = method.centralized(inputs)
-    if config.baselines.local_only:
-        metrics["local_only"] = method.local_only(inputs)
+    placement = config.placement()
+    with placed(placement):  # the reference rows compute where the federation did
+        if config.baselines.centralized:
+            metrics["centralized"] = method.centralized(inputs)
+        if config.baselines.local_only:
+            metrics["local_only"] = method.local_only(inputs)
 
     cost = dict(record.cost)
     train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in result.clients)
@@ -119,6 +123,8 @@ def run_experiment(
         "method": config.method,
         "model": config.model,
         "task": config.task,
+        # What the metrics' figures are: accuracy, or the test responses' mean token NLL (instruction data).
+        "metric": "response_nll" if inputs.task.kind is TaskKind.INSTRUCTION else "accuracy",
         "num_clients": config.federation.num_clients,
         "rounds": config.federation.rounds,
         "metrics": metrics,
@@ -130,7 +136,8 @@ def run_experiment(
         "config": config.to_dict(),
     }
     # What the privacy protections spent, the ledger check, and the audits the config asks for.
-    results["privacy"] = run_audits(config, out_dir, results, ServerFigures.of(record), progress=progress)
+    with placed(placement):
+        results["privacy"] = run_audits(config, out_dir, results, ServerFigures.of(record), progress=progress)
     (out_dir / RESULTS).write_text(json.dumps(results, indent=2))
     write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
     add_privacy_section(out_dir / "report.md", [results])

@@ -17,6 +17,7 @@ from pathlib import Path
 class TaskKind(enum.StrEnum):
     MULTIPLE_CHOICE = "multiple_choice"  # scored by log-likelihood of each option
     GENERATION = "generation"  # scored by exact match of the generated final answer
+    INSTRUCTION = "instruction"  # scored by the responses' mean token negative log-likelihood
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ def _load_task_cached(name_or_path: str, data_dir: str | None, seed: int) -> Tas
     if name_or_path in _TASKS:
         return _TASKS[name_or_path](directory, seed)
     path = Path(name_or_path)
+    if _is_instruction_data(path):
+        from blindtune.data.instruction import load_instruction_data
+
+        return load_instruction_data(path, seed=seed)
     if path.suffix.lower() in {".jsonl", ".csv"}:
         from blindtune.data.multiple_choice import load_multiple_choice_file
 
@@ -113,6 +118,19 @@ def _load_task_cached(name_or_path: str, data_dir: str | None, seed: int) -> Tas
     )
 
 
+def _is_instruction_data(path: Path) -> bool:
+    """A JSONL file (or a directory's train.jsonl) whose first row has instruction fields."""
+    from blindtune.data.instruction import is_instruction_record
+    from blindtune.data.records import read_jsonl
+
+    first_file = path / "train.jsonl" if path.is_dir() else path
+    if first_file.suffix.lower() != ".jsonl" or not first_file.is_file():
+        return False
+    for _, record in read_jsonl(first_file):
+        return is_instruction_record(record)
+    return False
+
+
 def _import_builtin_tasks() -> None:
     # Importing the modules runs their @register_task decorators.
-    from blindtune.data import gsm8k, multiple_choice, wordnet  # noqa: F401
+    from blindtune.data import gsm8k, instruction, multiple_choice, wordnet  # noqa: F401

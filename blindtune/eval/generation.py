@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from blindtune.encoding import model_device
+from blindtune.encoding import model_device, prompt_ids
 
 
 @torch.inference_mode()
@@ -33,7 +33,7 @@ def generate_texts(
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [list(tokenizer(prompt)["input_ids"])[-max_prompt_tokens:] for prompt in prompts]
+    encoded = [prompt_ids(tokenizer, prompt)[-max_prompt_tokens:] for prompt in prompts]
     for index, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {index} has no tokens")

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example, TaskData, TaskKind
+from blindtune.eval.instruction import evaluate_responses
 from blindtune.eval.scoring import evaluate_choices, evaluate_generation
 from blindtune.models.loading import cache_dir, model_fingerprint, written_atomically
 
@@ -31,7 +32,9 @@ def evaluate_examples(
     desc: str = "eval",
 ) -> float:
     """Accuracy in [0, 1]: option log-likelihood for multiple choice, exact match for generation (of at
-    most `max_new_tokens` tokens)."""
+    most `max_new_tokens` tokens). Instruction data: the test responses' mean token NLL (lower is better)."""
+    if kind is TaskKind.INSTRUCTION:
+        return evaluate_responses(model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=desc).nll
     if kind is TaskKind.GENERATION:
         return evaluate_generation(
             model, tokenizer, list(examples), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress

@@ -28,6 +28,7 @@ from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange
 from blindtune.federation.secagg import client_mods
+from blindtune.models.device import placed
 from blindtune.privacy.accountant import reset_accountant
 from blindtune.privacy.context import ServerPrivacy, client_privacy, server_privacy
 
@@ -150,7 +151,7 @@ def build_apps(
         policy: ServerPrivacy | None = None
         record = FederationRecord(status="failed", cost={}, failures=[])
         try:
-            with server_privacy(config.privacy) as policy:
+            with placed(config.placement()), server_privacy(config.privacy) as policy:
                 record.result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             record.status = "completed"
         except Exception as error:  # record why the run stopped, then let the engine see the error
@@ -179,7 +180,7 @@ def build_apps(
         kind = MessageKind(message.metadata.message_type)
         if kind is MessageKind.SETUP and not resume:
             reset_accountant(workdir)  # a new run: its privacy accounting starts from zero
-        with client_privacy(config.privacy, workdir, config.federation.rounds):
+        with placed(config.placement()), client_privacy(config.privacy, workdir, config.federation.rounds):
             reply = method.client(kind, message.content, run)
         return Message(reply, reply_to=message)
 

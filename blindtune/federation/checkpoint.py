@@ -29,10 +29,21 @@ def save_checkpoint(root: Path, round_number: int, state: dict[str, torch.Tensor
     return target
 
 
+def complete_rounds(root: Path) -> list[int]:
+    """The rounds with a complete checkpoint under `root`, ascending."""
+    return sorted(
+        int(p.name.split("-")[1]) for p in root.glob("round-*") if (p / _STATE).is_file() and (p / _META).is_file()
+    )
+
+
+def load_checkpoint(root: Path, round_number: int) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Round `round_number`'s checkpoint: (round, adapter state, metadata)."""
+    directory = root / f"round-{round_number:04d}"
+    meta = json.loads((directory / _META).read_text())
+    return int(meta["round"]), load_file(directory / _STATE), meta
+
+
 def latest_checkpoint(root: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The last complete checkpoint under `root`, or None."""
-    rounds = sorted(p for p in root.glob("round-*") if (p / _STATE).is_file() and (p / _META).is_file())
-    if not rounds:
-        return None
-    meta = json.loads((rounds[-1] / _META).read_text())
-    return int(meta["round"]), load_file(rounds[-1] / _STATE), meta
+    rounds = complete_rounds(root)
+    return load_checkpoint(root, rounds[-1]) if rounds else None

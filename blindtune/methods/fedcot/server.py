@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from blindtune.data import load_task
+from blindtune.data import TaskKind, load_task
 from blindtune.federation.adapter_rounds import (
     ADAPTER_POSITIONS,
     ADAPTER_SOURCES,
@@ -168,6 +168,8 @@ def run_server(run: ServerRun) -> ServerResult:
         raise ValueError("fedcot: privacy.audit.membership_inference does not apply (the adapter is the SLM's)")
     llm = load_model(config.model)
     task = load_task(config.task, config.data_dir, seed=config.seed)
+    if task.kind is TaskKind.INSTRUCTION:  # its rationales explain a label or an answer; a response has neither
+        raise ValueError(f"fedcot is not supported for this task kind ({task.kind}): use offsite, lleot or fedproxy")
     slm = build_slm(llm, config, run.progress)
     evaluate_label = config.eval.evaluator(label_task(task, method), run.progress)
     evaluate_task = config.eval.evaluator(task, run.progress)

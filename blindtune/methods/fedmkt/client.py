@@ -51,6 +51,7 @@ from blindtune.models.artefact import (
     save_artefact,
     unique_state_dict,
 )
+from blindtune.models.device import place
 from blindtune.models.loading import LoadedModel, random_model
 from blindtune.models.surgery import num_decoder_layers
 from blindtune.training import train
@@ -99,7 +100,9 @@ class LocalSLM:
 def wordpiece_slm(method: FedMKTConfig, seed: int) -> LoadedModel:
     """A randomly initialised Llama on the WordPiece tokenizer: it knows nothing until trained."""
     tokenizer = load_wordpiece_tokenizer()
-    return random_model(tokenizer, method.wordpiece_layers, method.wordpiece_hidden_size, seed, "wordpiece-slm")
+    slm = random_model(tokenizer, method.wordpiece_layers, method.wordpiece_hidden_size, seed, "wordpiece-slm")
+    place(slm.model)  # it computes where this party computes
+    return slm
 
 
 def load_slm(workdir: Path, method: FedMKTConfig, kind: SLMKind, seed: int) -> LocalSLM:

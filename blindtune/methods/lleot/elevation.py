@@ -397,7 +397,7 @@ class SimulatedClient:
                 rows, columns = original.shape
                 # peft's default A: uniform with bound 1 / sqrt(fan_in); B = 0, so the update starts at 0.
                 a = (torch.rand(rank, columns, generator=self.generator) * 2 - 1) / math.sqrt(columns)
-                self.factors.append((a, torch.zeros(rows, rank)))
+                self.factors.append((a.to(original.device), torch.zeros(rows, rank, device=original.device)))
             trained = [factor for a, b in self.factors for factor in (a, b)]
         self.optimizer = torch.optim.AdamW(trained, lr=self.learning_rate)
 
