@@ -8,15 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blindtune.config import RunConfig, run_config_from_dict
-from blindtune.data import load_task
+from blindtune.config import RunConfig
 from blindtune.federation.apps import FEDERATION_RESULT, build_apps, client_partitions
 from blindtune.federation.engine import run_federation
 from blindtune.methods import get_method
 from blindtune.methods.base import BaselineInputs
+from blindtune.preflight import check_model_fits
 from blindtune.privacy.audit import run_audits
 from blindtune.privacy.report import add_privacy_section
 from blindtune.report import write_report
+from blindtune.run_folder import prepare_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,11 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
     """Run `config`, write `out_dir/results.json` and `out_dir/report.md`, and return the results.
 
     With `resume`, continue the interrupted run in `out_dir` after its last complete round; the config
-    must be the one that run used.
+    must be the one that run used. A fresh run refuses a folder holding another run's outputs
+    (`blindtune.run_folder.clear_run_folder` empties it).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = out_dir / "config.json"
-    if resume:
-        if not config_file.is_file():
-            raise RunFailedError(f"nothing to resume in {out_dir}: no config.json")
-        # Read back through the config classes: a field added since (with its default) is no difference.
-        if run_config_from_dict(json.loads(config_file.read_text())).to_dict() != config.to_dict():
-            raise RunFailedError(f"{config_file} differs from the given config: resume needs the same settings")
-    config_file.write_text(json.dumps(config.to_dict(), indent=2))
+    check_model_fits(config)
+    prepare_run_folder(out_dir, config, resume)
     started = time.perf_counter()
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
@@ -57,7 +52,7 @@ def run_experiment(config: RunConfig, out_dir: Path, progress: bool = True, resu
     method = get_method(config.method)
     inputs = BaselineInputs(
         config=config,
-        task=load_task(config.task, config.data_dir, seed=config.seed),
+        task=config.load_task(),
         client_examples=client_partitions(config),
         progress=progress,
     )
