@@ -16,11 +16,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from blindtune.config import RunConfig
-from blindtune.data import Example, load_task
+from blindtune.data import Example
 from blindtune.data.partition import partition
 from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
-from blindtune.federation.rounds import Exchange
+from blindtune.federation.rounds import Exchange, RunInterrupted
 from blindtune.methods import get_method
 from blindtune.methods.base import ClientRun, ServerRun
 from blindtune.privacy.accountant import reset_accountant
@@ -36,7 +36,7 @@ FEDERATION_RESULT = "federation.json"
 
 def client_partitions(config: RunConfig) -> list[list[Example]]:
     """Every client's private train examples (each client computes only its own in a real run)."""
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     federation = config.federation
     return partition(task.train, federation.num_clients, federation.partition, federation.dirichlet_alpha, config.seed)
 
@@ -54,10 +54,14 @@ def build_apps(
         traffic = TrafficAudit(grid) if config.privacy.audit.ledger else None
         exchange = Exchange(traffic or grid, timeout_seconds=config.federation.client_timeout_seconds)
         policy: ServerPrivacy | None = None
+        result: dict = {"status": "failed", "error": "the server stopped without a result"}
         try:
             with server_privacy(config.privacy) as policy:
                 result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             result["status"] = "completed"
+        except (KeyboardInterrupt, RunInterrupted):  # Ctrl-C: what finished is in the checkpoints
+            result = {"status": "interrupted", "error": "interrupted by the user"}
+            raise
         except Exception as error:  # record why the run stopped, then let the engine see the error
             result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
             raise
