@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from blindtune.config import RunConfig
-from blindtune.data import Example, load_task
+from blindtune.data import Example
 from blindtune.encoding import pad_right
 from blindtune.privacy.context import PrivacyNotAppliedError, ServerPrivacy
 from blindtune.privacy.ledger_check import TrafficAudit, check
@@ -183,7 +183,7 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
     if strategy is None:
         return {"skipped": f"method {config.method!r} has no adapter to plug into the LLM"}
     audit = config.privacy.audit
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     members_pool = [e for examples in client_examples(config) for e in examples]
     held_out = list(task.validation) + list(task.test)
     count = min(audit.mia_examples, len(members_pool), len(held_out))
@@ -247,7 +247,7 @@ def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], prog
     workdir = out_dir / "clients" / "client-0"
     if not has_artefact(workdir):
         return {"skipped": f"no handed-out artefact stored in {workdir}"}
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     evaluate = config.eval.evaluator(task, progress)
     texts = [e.prompt + e.target for e in task.test[: config.privacy.audit.perplexity_examples]]
     max_length = config.train.max_length
@@ -317,12 +317,15 @@ def audit_run(run_dir: Path, *, membership: bool = True, misuse: bool = True, pr
     """Audit a finished run directory again: rewrite its results.json `privacy` section and report.md."""
     from blindtune.config import run_config_from_dict
     from blindtune.privacy.report import add_privacy_section
-    from blindtune.report import write_report
+    from blindtune.report import ResultsError, write_report
 
     results_file = run_dir / "results.json"
     if not results_file.is_file():
         raise FileNotFoundError(f"{results_file}: no such file (audit needs a finished run directory)")
-    results = json.loads(results_file.read_text())
+    try:
+        results = json.loads(results_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ResultsError(f"{results_file}:{error.lineno}: not valid JSON ({error.msg}); rerun the run") from None
     config = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
     results["privacy"] = run_audits(config, run_dir, results, membership=membership, misuse=misuse, progress=progress)
     results_file.write_text(json.dumps(results, indent=2))

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from blindtune.data import load_task
 from blindtune.federation.adapter_rounds import (
     ADAPTER_POSITIONS,
     ADAPTER_SOURCES,
@@ -168,7 +167,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
         # That audit plugs the final adapter into the LLM; FedCoT's LoRA belongs to the SLM's layers.
         raise ValueError("fedcot: privacy.audit.membership_inference does not apply (the adapter is the SLM's)")
     llm = load_model(config.model)
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     slm = build_slm(llm, config, run.progress)
     evaluate_label = config.eval.evaluator(label_task(task, method), run.progress)
     evaluate_task = config.eval.evaluator(task, run.progress)

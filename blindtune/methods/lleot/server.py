@@ -88,7 +88,7 @@ def run_server(run: ServerRun) -> dict[str, Any]:
     config = run.config
     method: LleotConfig = config.method_config
     llm = load_model(config.model)
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     evaluate = config.eval.evaluator(task, run.progress)
 
     plan = emulator_plan(llm, method)
