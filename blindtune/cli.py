@@ -115,10 +115,12 @@ def _run(
 def demo(
     quick: Annotated[bool, typer.Option(help="Small budget: about 5 minutes on 2 CPU cores.")] = False,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Remove a previous run's outputs from --out first.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Offsite tuning of SmolLM2-135M-Instruct by 3 clients on the WordNet supersense task."""
-    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, verbose)
+    _run(packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG), out, None, verbose, resume, overwrite)
 
 
 @app.command()

@@ -175,3 +175,32 @@ def test_eval_on_a_task_folder_with_a_template(tiny_model_dir, tmp_path):
     result = runner.invoke(app, [*arguments, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 10
+
+
+def test_ctrl_c_during_launch_says_how_to_resume(monkeypatch, tiny_model_dir, tmp_path):
+    from blindtune.federation import deployment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deployment, "launch", interrupted)
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir)
+    result = runner.invoke(app, ["launch", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 130
+    assert f"continue with: blindtune launch {config} --out {tmp_path / 'out'} --resume" in " ".join(
+        result.output.split()
+    )
+
+
+def test_flower_and_ray_chatter_is_kept_at_warning_unless_verbose():
+    import logging
+
+    from blindtune.cli import _setup_logging
+
+    _setup_logging(verbose=False)
+    assert not logging.getLogger("flwr").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("ray").isEnabledFor(logging.INFO)
+    assert logging.getLogger("blindtune.progress").isEnabledFor(logging.INFO)
+    _setup_logging(verbose=True)
+    assert logging.getLogger("flwr").isEnabledFor(logging.DEBUG)
+    _setup_logging(verbose=False)
