@@ -204,3 +204,24 @@ def test_flower_and_ray_chatter_is_kept_at_warning_unless_verbose():
     _setup_logging(verbose=True)
     assert logging.getLogger("flwr").isEnabledFor(logging.DEBUG)
     _setup_logging(verbose=False)
+
+
+def test_run_on_a_task_folder_with_a_template(tiny_model_dir, tmp_path):
+    import yaml
+
+    from blindtune.conftest import tiny_run_config
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    rows = [{"text": f"word {i}", "choices": ["noun", "verb", "adjective"], "label": i % 3} for i in range(40)]
+    for split, part in (("train", rows[:30]), ("test", rows[30:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    overrides = {"task": str(data), "task_template": "Word: {text}\nKind:", "choice_prefix": " a "}
+    overrides |= {"baselines": {"centralized": False, "local_only": False}}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config("offsite", tiny_model_dir, overrides).to_dict()))
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["task"] == str(data) and 0.0 <= results["metrics"]["plugin"] <= 1.0
+    assert results["config"]["task_template"] == "Word: {text}\nKind:"
