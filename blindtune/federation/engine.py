@@ -162,7 +162,10 @@ def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: in
 def _ctrl_c_remembers_children(children: list[Any]) -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt as usual, after noting this process's descendants (Ray's
     processes): Flower shuts Ray down before we see the interrupt, and its workers outlive that."""
-    if threading.current_thread() is not threading.main_thread():
+    # Only where Ctrl-C means KeyboardInterrupt (not in another thread, nor under nohup, which ignores it).
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
 
