@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from blindtune.config import ConfigError, RunConfig, packaged_config, resolve_config
+from blindtune.federation.progress import PROGRESS_LOGGER
 from blindtune.methods import load_run_config
 from blindtune.models.device import Placement
 
@@ -29,10 +33,36 @@ DeviceOption = Annotated[
 ]
 
 
+# `blindtune --debug CMD`: show the traceback of every error, user errors included.
+_DEBUG = {"on": False}
+# Libraries whose INFO/DEBUG lines drown the run's own output unless -v asks for them.
+_CHATTY_LOGGERS = ("flwr", "ray", "filelock", "urllib3")
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of every error.")] = False,
+) -> None:
+    _DEBUG["on"] = debug
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("flwr").propagate = verbose  # Flower prints through its own handler too: once is enough
+    if not verbose:  # libraries' notices about their own future versions are for developers
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    progress = logging.getLogger(PROGRESS_LOGGER)  # one plain line per round, at any verbosity
+    if not progress.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
 
 
 def _load(config_path: Path, overrides: dict | None = None, settings: list[str] | None = None) -> RunConfig:
@@ -43,16 +73,53 @@ def _load(config_path: Path, overrides: dict | None = None, settings: list[str] 
         raise typer.Exit(2) from None
 
 
+def _interrupted(command: str, out: Path) -> NoReturn:
+    """Ctrl-C: say what is kept and how to continue, then end (exit code 130, as the shell's)."""
+    from blindtune.federation.engine import leftover_threads
+    from blindtune.run_folder import last_complete_round
+
+    last = last_complete_round(out)
+    kept = f"round {last} is checkpointed" if last else "no round had finished"
+    console.print(
+        f"[yellow]interrupted:[/yellow] {kept}; continue with: blindtune {command} --out {out} --resume", soft_wrap=True
+    )
+    if leftover_threads():  # a server thread still busy with a round it cannot finish: don't wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    raise typer.Exit(130)
+
+
+def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
+    from blindtune.run_folder import check_out_dir, clear_run_folder
+
+    if overwrite and resume:
+        raise typer.BadParameter("--overwrite starts clean, --resume continues: give one of them")
+    check_out_dir(out)
+    if overwrite and (removed := clear_run_folder(out)):
+        console.print(f"--overwrite: removed {', '.join(removed)} from {out}")
+
+
 def _run(
-    path: Path, out: Path, overrides: dict | None, settings: list[str] | None, verbose: bool, resume: bool = False
+    path: Path,
+    out: Path,
+    overrides: dict | None,
+    settings: list[str] | None,
+    verbose: bool,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> None:
     from blindtune.report import rich_table
     from blindtune.runner import run_experiment
 
     _setup_logging(verbose)
     config = _load(path, overrides, settings)
+    _prepare_out(out, overwrite, resume)
     console.print(f"running [bold]{config.method}[/bold] on [bold]{config.task}[/bold] -> {out}")
-    results = run_experiment(config, out, resume=resume)
+    try:
+        results = run_experiment(config, out, resume=resume)
+    except KeyboardInterrupt:
+        _interrupted(f"run {path}", out)
     console.print(rich_table(results))
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
 
@@ -63,11 +130,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/demo"),
     settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     device: DeviceOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Remove a previous run's outputs from --out first.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Offsite tuning of SmolLM2-135M-Instruct by 3 clients on the WordNet supersense task."""
     config = packaged_config(DEMO_QUICK_CONFIG if quick else DEMO_CONFIG)
-    _run(config, out, _device(None, device), settings, verbose)
+    _run(config, out, _device(None, device), settings, verbose, resume, overwrite)
 
 
 @app.command()
@@ -77,12 +146,15 @@ def run(
     engine: Annotated[str | None, typer.Option(help="Override federation.engine: simulation or inprocess.")] = None,
     settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Remove a previous run's outputs from --out first.")] = False,
     device: DeviceOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment a YAML config describes."""
+    if engine is not None and engine not in {"simulation", "inprocess"}:
+        raise typer.BadParameter(f"{engine!r} is not simulation or inprocess", param_hint="--engine")
     overrides = {"federation": {"engine": engine}} if engine else None
-    _run(config, out, _device(overrides, device), settings, verbose, resume)
+    _run(config, out, _device(overrides, device), settings, verbose, resume, overwrite)
 
 
 def _device(overrides: dict | None, device: str | None) -> dict | None:
@@ -114,14 +186,28 @@ def report(
 @app.command("eval")
 def evaluate(
     task: Annotated[
-        str, typer.Option(help="Task name or path to a .jsonl/.csv multiple-choice file.")
+        str,
+        typer.Option(
+            help="Task name, a .jsonl/.csv multiple-choice file, or a folder with train.jsonl and test.jsonl "
+            "(optionally validation.jsonl)."
+        ),
     ] = "wordnet-supersense",
-    data_dir: Annotated[Path | None, typer.Option(help="Directory with the task's files.")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="A registered task's files: its folder (e.g. data/piqa) or the folder holding it (data)."),
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Hugging Face model directory (default: embedded SmolLM2).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate on the first N test examples.")] = None,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
     batch_size: Annotated[int, typer.Option()] = 32,
     length_normalized: Annotated[bool, typer.Option(help="Score options per character (acc_norm).")] = False,
+    template: Annotated[
+        str | None,
+        typer.Option(help="Your rows' prompt, with {text} for the row's text (default \"{text}\\nAnswer:\")."),
+    ] = None,
+    choice_prefix: Annotated[
+        str | None, typer.Option(help="Put before each of your rows' options when scored (default: one space).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write DIR/eval.json.")] = None,
     generate: Annotated[
         bool, typer.Option(help="Instruction data: also exact match and ROUGE-L of greedy responses.")
@@ -130,17 +216,27 @@ def evaluate(
     device: DeviceOption = None,
 ) -> None:
     """Zero-shot accuracy of a model on a task (instruction data: the responses' mean token NLL)."""
+    from blindtune.config import EvalConfig
     from blindtune.data import TaskKind, load_task
     from blindtune.eval.tasks import evaluate_examples
     from blindtune.models import load_model
     from blindtune.models.device import placed
+    from blindtune.run_folder import check_out_dir
 
     if split not in {"train", "validation", "test"}:
         raise typer.BadParameter("split must be train, validation or test")
+    try:  # the same bounds as a run config's `eval` section
+        EvalConfig(limit=limit, batch_size=batch_size)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    if out is not None:
+        check_out_dir(out)  # before the work, whose result would be lost
+    if template is not None:
+        template = template.replace("\\n", "\n")  # a shell argument cannot easily hold a newline
     started = time.perf_counter()
+    data = load_task(task, data_dir, template=template, choice_prefix=choice_prefix)
     with placed(_placement(device)):
         loaded = load_model(model)
-    data = load_task(task, data_dir)
     examples = getattr(data, split)[:limit]
     score = evaluate_examples(
         loaded.model,
@@ -220,6 +316,7 @@ def launch(
     timeout: Annotated[float | None, typer.Option(help="Give up on the run after this many seconds.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out after its last round.")] = False,
     settings: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Remove a previous run's outputs from --out first.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the experiment as a real Flower deployment: a SuperLink and one SuperNode per client, on loopback."""
@@ -230,12 +327,15 @@ def launch(
     _setup_logging(verbose)
     tls = None
     if tls_ca_cert and tls_server_cert and tls_server_key:
-        tls = TlsFiles(tls_ca_cert, tls_server_cert, tls_server_key)
+        tls = TlsFiles(tls_ca_cert, tls_server_cert, tls_server_key).resolved()  # they exist and are PEM
     elif tls_ca_cert or tls_server_cert or tls_server_key:
         raise typer.BadParameter("TLS needs all of --tls-ca-cert, --tls-server-cert and --tls-server-key")
     if clients is not None and clients < 1:
         raise typer.BadParameter("--clients must be >= 1")
+    if timeout is not None and timeout <= 0:
+        raise typer.BadParameter("--timeout must be > 0 seconds")
     run_config = _load(config, settings=settings)
+    _prepare_out(out, overwrite, resume)
     count = clients or run_config.federation.num_clients
     console.print(
         f"launching [bold]{run_config.method}[/bold] on [bold]{run_config.task}[/bold]: 1 SuperLink + {count} "
@@ -247,6 +347,8 @@ def launch(
     except DeploymentError as error:
         console.print(f"[red]deployment failed:[/red] {error}\nlogs: {out / 'logs'}")
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        _interrupted(f"launch {config}", out)
     console.print(rich_table(results))
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}\nlogs:    {out / 'logs'}")
 
@@ -276,13 +378,17 @@ def audit(
 
 
 def main() -> None:
-    """Entry point: user errors (bad config, data, model path, adapter) end with a message, not a traceback."""
+    """Entry point: an expected user error (bad config, data, model, run folder, file) ends with one line
+    and exit code 2; anything else is a bug and keeps its traceback (`--debug` shows it for all)."""
     from blindtune.data import DataFormatError, UnknownTaskError
+    from blindtune.federation.checkpoint import CheckpointError
+    from blindtune.federation.deployment import DeploymentError
     from blindtune.federation.rounds import TooFewClientsError
     from blindtune.methods import UnknownMethodError
     from blindtune.models import ModelLoadError
     from blindtune.models.adapters import IncompatibleAdapterError
     from blindtune.report import ResultsError
+    from blindtune.run_folder import RunFolderError
     from blindtune.runner import RunFailedError
 
     try:
@@ -296,10 +402,15 @@ def main() -> None:
         ResultsError,
         IncompatibleAdapterError,
         RunFailedError,
+        RunFolderError,
+        CheckpointError,
+        DeploymentError,
         TooFewClientsError,
-        FileNotFoundError,
+        OSError,
     ) as error:
-        console.print(f"[red]error:[/red] {error}")
+        if _DEBUG["on"]:
+            raise
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         raise SystemExit(2) from None
 
 

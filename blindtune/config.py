@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import types
 import typing
@@ -23,8 +24,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from blindtune.data import TaskData
+from blindtune.data import TaskData, load_task
+from blindtune.data.multiple_choice import check_template
 from blindtune.data.partition import PartitionScheme
+from blindtune.data.task import is_user_task
 from blindtune.eval.tasks import TaskEvaluator
 from blindtune.federation.engine import Engine
 from blindtune.federation.strategies import StrategyName
@@ -125,8 +128,10 @@ class EvalConfig:
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
-        if (self.limit is not None and self.limit < 1) or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"eval: limit, batch_size and max_new_tokens must be >= 1: {self}")
+        for name in ("limit", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
 
     def evaluator(self, task: TaskData, progress: bool = True) -> TaskEvaluator:
         return TaskEvaluator(task, self.limit, self.batch_size, self.length_normalized, self.max_new_tokens, progress)
@@ -146,12 +151,21 @@ class BaselineConfig:
 
 @dataclass
 class RunConfig:
-    """One runnable setting; `method_config` is the method's own section (named after the method)."""
+    """One runnable setting; `method_config` is the method's own section (named after the method).
+
+    task: a registered task name, a user's .jsonl/.csv file, or a folder of user split files
+        (train.jsonl, test.jsonl, optionally validation.jsonl; see `blindtune.data.load_task`).
+    task_template / choice_prefix: for a user's rows only: the prompt is `task_template` with `{text}`
+        replaced by the row's text, each option is scored as `choice_prefix + option`. Defaults:
+        `"{text}\nAnswer:"` and one space, e.g. `task_template: "Definition: {text}\nCategory:"`.
+    """
 
     method: str
     model: str = DEFAULT_MODEL
     task: str = "wordnet-supersense"
     data_dir: str | None = None
+    task_template: str | None = None
+    choice_prefix: str | None = None
     seed: int = 0
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -166,6 +180,19 @@ class RunConfig:
         """Where every party of this run computes (see `blindtune.models.device`)."""
         return resolve_placement(self.device, self.bf16)
 
+    def __post_init__(self) -> None:
+        if self.task_template is not None or self.choice_prefix is not None:
+            if not is_user_task(self.task):
+                raise ValueError(
+                    f"task_template and choice_prefix apply to your own files; task {self.task!r} has its own prompts"
+                )
+            if self.task_template is not None:
+                check_template(self.task_template)
+
+    def load_task(self) -> TaskData:
+        """The run's task, its user rows put to the model as `task_template` and `choice_prefix` say."""
+        return load_task(self.task, self.data_dir, self.seed, self.task_template, self.choice_prefix)
+
     def to_dict(self) -> dict[str, Any]:
         data = _to_plain(self)
         data[self.method] = data.pop("method_config")
@@ -173,6 +200,36 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def content_hash(self) -> str:
+        """A short hash of every setting that decides the run's results (each checkpoint carries it)."""
+        kept = {key: value for key, value in flat_config(self.to_dict()).items() if key not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Settings that change how a run is carried out, not what it computes: a resume may change them.
+_NOT_HASHED = {"federation.engine"}
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"steps": 5}}` -> `{"train.steps": 5}`."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every hashed setting that differs between two configs' `to_dict()`s."""
+    a, b = flat_config(old), flat_config(new)
+    return [
+        f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if key not in _NOT_HASHED and a.get(key) != b.get(key)
+    ]
 
 
 def run_config_from_dict(data: dict[str, Any], method_sections: MethodSections) -> RunConfig:
@@ -199,7 +256,7 @@ def load_run_config(
     data = merge(merge(load_config_data(path), overrides or {}), parse_settings(settings))
     try:
         return run_config_from_dict(data, method_sections)
-    except ConfigError as error:
+    except (ConfigError, KeyError) as error:  # KeyError: an unknown method (UnknownMethodError)
         raise ConfigError(f"{path}: {error}") from error
 
 
@@ -234,7 +291,8 @@ def load_config_data(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config is a mapping, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping (method: ..., task: ...), got a {kind}")
     if BASE_KEY not in data:
         return data
     data = dict(data)

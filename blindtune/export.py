@@ -273,9 +273,9 @@ def _scores_responses(config: RunConfig, results: dict[str, Any] | None) -> bool
     """Whether the run's figures are response NLLs (instruction data) rather than accuracies."""
     if results is not None and "metric" in results:
         return bool(results["metric"] == "response_nll")
-    from blindtune.data import TaskKind, load_task  # a crashed run (or one from before `metric`): ask the task
+    from blindtune.data import TaskKind  # a crashed run (or one from before `metric`): ask the task
 
-    return load_task(config.task, config.data_dir, seed=config.seed).kind is TaskKind.INSTRUCTION
+    return config.load_task().kind is TaskKind.INSTRUCTION
 
 
 def privacy_line(privacy: dict[str, Any] | None) -> str:

@@ -23,15 +23,17 @@ from flwr.serverapp import ServerApp
 from blindtune.audits.audit import LedgerCheck, ServerFigures, run_audits
 from blindtune.audits.report import add_privacy_section
 from blindtune.config import RunConfig
-from blindtune.data import TaskKind, load_task
+from blindtune.data import TaskKind
 from blindtune.federation.apps import FEDERATION_RESULT, FederationRecord, build_apps, client_partitions
 from blindtune.federation.deployment import AppComponents, DeploymentOptions, TlsFiles, run_deployment
 from blindtune.federation.engine import run_federation
 from blindtune.federation.flower_app import DeployedApps
-from blindtune.methods import config_class, get_method, run_config_from_dict
+from blindtune.methods import config_class, get_method
 from blindtune.methods.base import BaselineInputs
 from blindtune.models.device import placed
+from blindtune.preflight import check_model_fits
 from blindtune.report import write_report
+from blindtune.run_folder import prepare_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,11 @@ def run_experiment(
 
     `federation` runs the federation (default: `local_federation`). With `resume`, continue the
     interrupted run in `out_dir` after its last complete round; the config must be the one that run used.
+    A fresh run refuses a folder holding another run's outputs (`blindtune.run_folder.clear_run_folder`
+    empties it).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = out_dir / "config.json"
-    if resume:
-        if not config_file.is_file():
-            raise RunFailedError(f"nothing to resume in {out_dir}: no config.json")
-        # Read back through the config classes: a field added since (with its default) is no difference.
-        if run_config_from_dict(json.loads(config_file.read_text())).to_dict() != config.to_dict():
-            raise RunFailedError(f"{config_file} differs from the given config: resume needs the same settings")
-    config_file.write_text(json.dumps(config.to_dict(), indent=2))
+    check_model_fits(config)
+    prepare_run_folder(out_dir, config, resume)
     started = time.perf_counter()
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
@@ -101,7 +98,7 @@ def run_experiment(
     method = get_method(config.method)
     inputs = BaselineInputs(
         config=config,
-        task=load_task(config.task, config.data_dir, seed=config.seed),
+        task=config.load_task(),
         client_examples=client_partitions(config),
         progress=progress,
     )

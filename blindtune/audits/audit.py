@@ -33,7 +33,7 @@ from blindtune.audits.ledger_check import TrafficAudit, check
 from blindtune.audits.mia import example_losses, membership_inference
 from blindtune.audits.report import add_privacy_section
 from blindtune.config import RunConfig
-from blindtune.data import Example, load_task
+from blindtune.data import Example
 from blindtune.eval.scoring import perplexity
 from blindtune.federation.adapter_rounds import LAYER_MAP_FILE
 from blindtune.federation.apps import FederationRecord, client_partitions
@@ -44,7 +44,7 @@ from blindtune.models import load_model
 from blindtune.models.artefact import has_artefact, load_artefact
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.context import PrivacyNotAppliedError
-from blindtune.report import write_report
+from blindtune.report import ResultsError, write_report
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[
     if _strategy(config) is None:
         return skipped
     audit = config.privacy.audit
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     members_pool = [e for examples in client_examples(config) for e in examples]
     held_out = list(task.validation) + list(task.test)
     count = min(audit.mia_examples, len(members_pool), len(held_out))
@@ -222,7 +222,7 @@ def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], prog
     workdir = out_dir / "clients" / "client-0"
     if not has_artefact(workdir):
         return {"skipped": f"no handed-out artefact stored in {workdir}"}
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     evaluate = config.eval.evaluator(task, progress)
     texts = [e.prompt + e.target for e in task.test[: config.privacy.audit.perplexity_examples]]
     max_length = config.train.max_length
@@ -295,11 +295,13 @@ def run_audits(
 
 def audit_run(run_dir: Path, *, membership: bool = True, misuse: bool = True, progress: bool = False) -> dict[str, Any]:
     """Audit a finished run directory again: rewrite its results.json `privacy` section and report.md."""
-
     results_file = run_dir / "results.json"
     if not results_file.is_file():
         raise FileNotFoundError(f"{results_file}: no such file (audit needs a finished run directory)")
-    results = json.loads(results_file.read_text())
+    try:
+        results = json.loads(results_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ResultsError(f"{results_file}:{error.lineno}: not valid JSON ({error.msg}); rerun the run") from None
     config = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
     results["privacy"] = run_audits(config, run_dir, results, membership=membership, misuse=misuse, progress=progress)
     results_file.write_text(json.dumps(results, indent=2))

@@ -14,6 +14,7 @@ import csv
 import json
 import random
 import re
+import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,27 @@ RowConverter = Callable[[dict[str, Any], Path, int], Example]
 FILE_SUFFIXES = (".jsonl", ".csv")
 
 
-def make_example(prompt: str, options: list[str], label: int) -> Example:
-    """Options get one leading space; stray whitespace around them (PIQA has some) is dropped."""
-    choices = tuple(" " + option.strip() for option in options)
+# How a user's row `{"text": ..., "choices": [...]}` is put to the model unless the config says otherwise:
+# prompt `DEFAULT_TEMPLATE.format(text=text)`, each option scored as `DEFAULT_CHOICE_PREFIX + option`.
+DEFAULT_TEMPLATE = "{text}\nAnswer:"
+DEFAULT_CHOICE_PREFIX = " "
+
+
+def make_example(prompt: str, options: list[str], label: int, prefix: str = DEFAULT_CHOICE_PREFIX) -> Example:
+    """Options get `prefix` (one leading space by default); stray whitespace around them (PIQA has some)
+    is dropped."""
+    choices = tuple(prefix + option.strip() for option in options)
     return Example(prompt=prompt, target=choices[label], choices=choices, label=label)
+
+
+def check_template(template: str) -> None:
+    """A prompt template must use `{text}` and no other field (ValueError saying so otherwise)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ValueError(f"prompt template {template!r}: {error} (write a literal brace as {{{{ or }}}})") from None
+    if fields != {"text"}:
+        raise ValueError(f"prompt template {template!r} must contain {{text}} and no other field, found {fields}")
 
 
 def letter_names(examples: list[Example]) -> tuple[str, ...]:
@@ -58,6 +76,8 @@ def load_multiple_choice_file(
     choices_field: str = "choices",
     label_field: str = "label",
     name: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    choice_prefix: str = DEFAULT_CHOICE_PREFIX,
 ) -> TaskData:
     """A task from a user's multiple-choice data: one .jsonl/.csv file, or a directory of split files.
 
@@ -69,19 +89,23 @@ def load_multiple_choice_file(
     A single file is split 80/10/10 into train/validation/test by `seed`. A directory must hold
     `train` and `test` files (.jsonl or .csv) and may hold `validation`/`valid`/`dev`; without one,
     validation is 10% of train, carved by `seed`.
+
+    Each row becomes the prompt `template.format(text=row text)` (default `"{text}\nAnswer:"`) with
+    options `choice_prefix + option` (default one space), e.g. `"Definition: {text}\nCategory:"`.
     """
     path = Path(path)
-    fields = (text_field, choices_field, label_field)
+    check_template(template)
+    row_format = (text_field, choices_field, label_field, template, choice_prefix)
     if path.is_dir():
-        train = _read_user_rows(_required_split_file(path, "train"), *fields)
-        test = _read_user_rows(_required_split_file(path, "test"), *fields)
+        train = _read_user_rows(_required_split_file(path, "train"), *row_format)
+        test = _read_user_rows(_required_split_file(path, "test"), *row_format)
         validation_path = _split_file(path, VALIDATION_STEMS)
         if validation_path is not None:
-            validation = _read_user_rows(validation_path, *fields)
+            validation = _read_user_rows(validation_path, *row_format)
         else:
             validation, train = carve(train, [max(1, len(train) // 10)], seed)
     else:
-        examples = _read_user_rows(path, *fields)
+        examples = _read_user_rows(path, *row_format)
         held_out = max(1, len(examples) // 10)
         test, validation, train = carve(examples, [held_out, held_out], seed)
     return TaskData(
@@ -112,7 +136,9 @@ def _required_split_file(directory: Path, stem: str) -> Path:
     return path
 
 
-def _read_user_rows(path: Path, text_field: str, choices_field: str, label_field: str) -> list[Example]:
+def _read_user_rows(
+    path: Path, text_field: str, choices_field: str, label_field: str, template: str, choice_prefix: str
+) -> list[Example]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records: Iterator[tuple[int, dict[str, Any]]] = read_jsonl(path)
@@ -125,7 +151,7 @@ def _read_user_rows(path: Path, text_field: str, choices_field: str, label_field
         text = require_str(record, text_field, path, line)
         options = require_choices(record.get(choices_field), path, line, choices_field)
         label = require_label(record.get(label_field), len(options), path, line, label_field)
-        examples.append(make_example(f"{text}\nAnswer:", options, label))
+        examples.append(make_example(template.format(text=text), options, label, choice_prefix))
     return examples
 
 

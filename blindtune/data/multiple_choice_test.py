@@ -265,3 +265,51 @@ def test_real_piqa_and_pubmedqa_load() -> None:
     pubmedqa = load_task("pubmedqa")
     assert (len(pubmedqa.train), len(pubmedqa.validation), len(pubmedqa.test)) == (450, 50, 500)
     assert [sum(e.label == i for e in pubmedqa.test) for i in range(3)] == [276, 169, 55]
+
+
+# --- your own task, as you have it --------------------------------------------------------------
+
+
+def test_a_folder_of_split_files_is_a_task_by_path(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", user_rows(20))
+    write_jsonl(tmp_path / "test.jsonl", user_rows(6))
+    write_jsonl(tmp_path / "validation.jsonl", user_rows(4))
+    task = load_task(str(tmp_path))
+    assert (len(task.train), len(task.validation), len(task.test)) == (20, 4, 6)
+
+
+def test_template_and_choice_prefix_shape_a_users_rows(tmp_path: Path) -> None:
+    rows = [{"text": "cause to collide", "choices": ["motion", "contact"], "label": 1}] * 12
+    path = write_jsonl(tmp_path / "senses.jsonl", rows)
+    default = load_task(str(path)).test[0]
+    assert (default.prompt, default.choices) == ("cause to collide\nAnswer:", (" motion", " contact"))
+    shaped = load_task(str(path), template="Definition: {text}\nCategory:", choice_prefix=" the ").test[0]
+    assert shaped.prompt == "Definition: cause to collide\nCategory:"
+    assert shaped.choices == (" the motion", " the contact") and shaped.target == " the contact"
+
+
+@pytest.mark.parametrize("template", ["no field", "{text} and {label}", "{text"])
+def test_a_template_needs_exactly_the_text_field(tmp_path: Path, template: str) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", user_rows(12))
+    with pytest.raises(ValueError, match="template"):
+        load_task(str(path), template=template)
+
+
+def test_a_registered_task_refuses_a_template() -> None:
+    with pytest.raises(KeyError, match="its own prompts"):
+        load_task("piqa", template="{text}")
+
+
+def test_piqa_data_dir_may_be_the_folder_or_the_one_holding_it(tmp_path: Path) -> None:
+    rows = [{"goal": f"Open jar {i}", "sol1": "twist", "sol2": "hit", "label": i % 2} for i in range(1300)]
+    write_jsonl((tmp_path / "piqa").mkdir() or tmp_path / "piqa" / "valid.jsonl", rows)
+    assert benchmark_dir("piqa", tmp_path) == tmp_path / "piqa"
+    assert len(load_piqa(tmp_path).test) == len(load_piqa(tmp_path / "piqa").test) == 100
+
+
+def test_a_jsonl_syntax_error_reports_one_line_number(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, '{"text": "t",, "choices": []}'])
+    with pytest.raises(DataFormatError) as error:
+        load_multiple_choice_file(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:3: ") and "line 1" not in message and "column 14" in message

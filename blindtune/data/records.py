@@ -33,7 +33,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataFormatError(path, line_number, f"expected one JSON object per line ({error})") from None
+                problem = f"expected one JSON object per line ({error.msg} at column {error.colno})"
+                raise DataFormatError(path, line_number, problem) from None
             if not isinstance(record, dict):
                 raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
             yield line_number, record
@@ -95,9 +96,10 @@ def carve(items: Sequence[T], sizes: Sequence[int], seed: int) -> list[list[T]]:
 
 
 def benchmark_dir(task: str, data_dir: Path | None) -> Path:
-    """A benchmark's directory: data_dir, else $BLINDTUNE_DATA_DIR/<task>, else ../shared/data/<task>."""
+    """A benchmark's directory: data_dir (the task's folder, or the folder holding `<task>/`), else
+    $BLINDTUNE_DATA_DIR/<task>, else ../shared/data/<task>."""
     if data_dir is not None:
-        return data_dir
+        return data_dir / task if (data_dir / task).is_dir() else data_dir
     if parent := os.environ.get("BLINDTUNE_DATA_DIR"):
         return Path(parent) / task
     return Path(__file__).resolve().parents[3] / "shared" / "data" / task
@@ -110,6 +112,7 @@ def require_files(directory: Path, names: list[str], task: str) -> list[Path]:
     if missing:
         raise FileNotFoundError(
             f"{task}: missing {', '.join(missing)} in {directory} (expected the published files "
-            f"{', '.join(names)}; pass data_dir or set BLINDTUNE_DATA_DIR to the directory holding {task}/)"
+            f"{', '.join(names)}; pass data_dir (the {task} folder or the one holding {task}/) or set "
+            f"BLINDTUNE_DATA_DIR to the folder holding {task}/)"
         )
     return paths

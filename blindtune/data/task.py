@@ -89,32 +89,59 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
-def load_task(name_or_path: str, data_dir: str | Path | None = None, seed: int = 0) -> TaskData:
-    """Load a task by registered name, or a user's JSONL/CSV multiple-choice file by path.
+def load_task(
+    name_or_path: str,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    template: str | None = None,
+    choice_prefix: str | None = None,
+) -> TaskData:
+    """Load a task by registered name, or a user's multiple-choice data by path: a JSONL/CSV file, or a
+    folder with `train` and `test` files (and optionally `validation`).
 
-    `data_dir` overrides where a registered task reads its files (e.g. `../shared/data/piqa`).
+    `data_dir` overrides where a registered task reads its files (e.g. `../shared/data/piqa`, or
+    `../shared/data`). `template` and `choice_prefix` say how a user's rows are put to the model (see
+    `load_multiple_choice_file`; None: the defaults); a registered task has its own prompts.
     Loaded tasks are cached per process: every client and evaluator of a run parses the files once.
     """
-    return _load_task_cached(name_or_path, None if data_dir is None else str(data_dir), seed)
+    return _load_task_cached(name_or_path, None if data_dir is None else str(data_dir), seed, template, choice_prefix)
+
+
+def is_user_task(name_or_path: str) -> bool:
+    """Whether `name_or_path` names a user's data (a .jsonl/.csv file or a folder), not a registered task."""
+    path = Path(name_or_path)
+    return name_or_path not in task_names() and (path.suffix.lower() in {".jsonl", ".csv"} or path.is_dir())
 
 
 @functools.lru_cache(maxsize=8)
-def _load_task_cached(name_or_path: str, data_dir: str | None, seed: int) -> TaskData:
+def _load_task_cached(
+    name_or_path: str, data_dir: str | None, seed: int, template: str | None, choice_prefix: str | None
+) -> TaskData:
     _import_builtin_tasks()
     directory = Path(data_dir) if data_dir is not None else None
     if name_or_path in _TASKS:
+        if template is not None or choice_prefix is not None:
+            raise UnknownTaskError(
+                f"task {name_or_path!r} has its own prompts: a template or choice prefix applies to your own files"
+            )
         return _TASKS[name_or_path](directory, seed)
     path = Path(name_or_path)
     if _is_instruction_data(path):
         from blindtune.data.instruction import load_instruction_data
 
         return load_instruction_data(path, seed=seed)
-    if path.suffix.lower() in {".jsonl", ".csv"}:
-        from blindtune.data.multiple_choice import load_multiple_choice_file
+    if is_user_task(name_or_path):
+        from blindtune.data import multiple_choice
 
-        return load_multiple_choice_file(path, seed=seed)
+        return multiple_choice.load_multiple_choice_file(
+            name_or_path,
+            seed=seed,
+            template=multiple_choice.DEFAULT_TEMPLATE if template is None else template,
+            choice_prefix=multiple_choice.DEFAULT_CHOICE_PREFIX if choice_prefix is None else choice_prefix,
+        )
     raise UnknownTaskError(
-        f"unknown task {name_or_path!r}: use one of {', '.join(task_names())} or a path to a .jsonl/.csv file"
+        f"unknown task {name_or_path!r}: use one of {', '.join(task_names())}, a path to a .jsonl/.csv file, "
+        "or a folder holding train.jsonl and test.jsonl (optionally validation.jsonl)"
     )
 
 

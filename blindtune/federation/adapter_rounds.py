@@ -21,8 +21,9 @@ from torch import nn
 
 from blindtune.data import Example
 from blindtune.federation.aggregation import ClientUpdate
-from blindtune.federation.checkpoint import latest_checkpoint, save_checkpoint
+from blindtune.federation.checkpoint import CONFIG_HASH, latest_checkpoint, save_checkpoint
 from blindtune.federation.ledger import Direction
+from blindtune.federation.progress import RoundProgress
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import Exchange, TooFewClientsError
 from blindtune.federation.secagg import secure_round
@@ -74,6 +75,7 @@ class RoundSettings:
     evaluate_every_round: bool
     checkpoint_dir: Path
     resume: bool = False  # continue after the last complete checkpoint in checkpoint_dir
+    config_hash: str | None = None  # the run config's hash, written into (and checked against) checkpoints
 
     @classmethod
     def of_run(cls, config: RunConfig, checkpoint_dir: Path, resume: bool) -> RoundSettings:
@@ -86,6 +88,7 @@ class RoundSettings:
             evaluate_every_round=config.eval.every_round,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
+            config_hash=config.content_hash(),
         )
 
 
@@ -108,7 +111,7 @@ def run_rounds(
     adapter plugged in (however the strategy plugs it)."""
     outcome = RoundsOutcome(state=strategy.initial_global(initial_state))
     first_round = 1
-    if settings.resume and (checkpoint := latest_checkpoint(settings.checkpoint_dir)) is not None:
+    if settings.resume and (checkpoint := latest_checkpoint(settings.checkpoint_dir, settings.config_hash)) is not None:
         last_round, outcome.state, meta = checkpoint
         outcome.history, outcome.clients = meta["history"], meta["clients"]
         first_round = last_round + 1
@@ -117,6 +120,7 @@ def run_rounds(
     # Secure aggregation / server-side DP / checks of client DP, when the server's policy asks for them.
     privacy = active_server_privacy()
     secagg, server_dp = _server_protections(privacy, strategy, first_round)
+    progress = RoundProgress(first_round, settings.rounds)
     for round_number in range(first_round, settings.rounds + 1):
         content = RecordDict(
             {
@@ -192,8 +196,14 @@ def run_rounds(
         log.info("round %d: %s", round_number, row)
         outcome.history.append(row)
         # Written last, so a checkpoint exists only for a round that finished completely.
-        meta = {"seed": settings.seed, "history": outcome.history, "clients": outcome.clients}
+        meta = {
+            "seed": settings.seed,
+            "history": outcome.history,
+            "clients": outcome.clients,
+            CONFIG_HASH: settings.config_hash,
+        }
         save_checkpoint(settings.checkpoint_dir, round_number, outcome.state, meta)
+        progress.round_done(round_number, len(replies), len(nodes), row["train_loss"])
     return outcome
 
 

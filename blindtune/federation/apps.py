@@ -22,11 +22,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from blindtune.config import RunConfig
-from blindtune.data import Example, load_task
+from blindtune.data import Example
 from blindtune.data.partition import partition
 from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
-from blindtune.federation.rounds import Exchange
+from blindtune.federation.rounds import Exchange, RunInterrupted
 from blindtune.federation.secagg import client_mods
 from blindtune.models.device import placed
 from blindtune.privacy.accountant import reset_accountant
@@ -124,7 +124,7 @@ class FederationRecord:
 
 def client_partitions(config: RunConfig) -> list[list[Example]]:
     """Every client's private train examples (each client computes only its own in a real run)."""
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     federation = config.federation
     return partition(task.train, federation.num_clients, federation.partition, federation.dirichlet_alpha, config.seed)
 
@@ -149,11 +149,14 @@ def build_apps(
             watch.watch(grid) if watch is not None else grid, timeout_seconds=config.federation.client_timeout_seconds
         )
         policy: ServerPrivacy | None = None
-        record = FederationRecord(status="failed", cost={}, failures=[])
+        record = FederationRecord(status="failed", cost={}, failures=[], error="the server stopped without a result")
         try:
             with placed(config.placement()), server_privacy(config.privacy) as policy:
                 record.result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
-            record.status = "completed"
+            record.status, record.error = "completed", None
+        except (KeyboardInterrupt, RunInterrupted):  # Ctrl-C: what finished is in the checkpoints
+            record.status, record.error = "interrupted", "interrupted by the user"
+            raise
         except Exception as error:  # record why the run stopped, then let the engine see the error
             record.error = f"{type(error).__name__}: {error}"
             raise

@@ -79,7 +79,25 @@ class TlsFiles:
         for path in (files.ca_cert, files.server_cert, files.server_key):
             if not path.is_file():
                 raise FileNotFoundError(f"TLS file not found: {path}")
+        _check_pem(files.ca_cert, "certificate")
+        _check_pem(files.server_cert, "certificate")
+        _check_pem(files.server_key, "private key")
         return files
+
+
+def _check_pem(path: Path, kind: str) -> None:
+    """Refuse a file that is not a PEM `kind` before any process is started with it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    data = path.read_bytes()
+    try:
+        if kind == "certificate":
+            x509.load_pem_x509_certificate(data)
+        else:
+            load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as error:
+        raise DeploymentError(f"{path} is not a PEM {kind} ({error})") from None
 
 
 @dataclass

@@ -17,13 +17,19 @@ file changes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 from uuid import uuid4
 
+import psutil
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -31,6 +37,8 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from blindtune.federation.rounds import clear_stop, request_stop
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +130,76 @@ def run_federation(
     from flwr.simulation import run_simulation
 
     started = time.perf_counter()
+    clear_stop()
     # One CPU per virtual client: clients then train one after another on a 2-core machine instead of
     # fighting over cores, and never all sit in memory at once.
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_config={
-            "client_resources": {
-                "num_cpus": max(1, (os.cpu_count() or 2) // 2),
-                # An equal share each: Ray then runs them side by side on the one GPU.
-                "num_gpus": 1.0 / num_clients if gpu else 0.0,
-            }
-        },
-    )
+    children: list[Any] = []
+    try:
+        with _ctrl_c_remembers_children(children):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_config={
+                    "client_resources": {
+                        "num_cpus": max(1, (os.cpu_count() or 2) // 2),
+                        # An equal share each: Ray then runs them side by side on the one GPU.
+                        "num_gpus": 1.0 / num_clients if gpu else 0.0,
+                    },
+                    "init_args": {
+                        "logging_level": logging.getLogger("ray").getEffectiveLevel(),
+                        "log_to_driver": log.isEnabledFor(logging.INFO),
+                    },
+                },
+                verbose_logging=log.isEnabledFor(logging.DEBUG),
+            )
+    except KeyboardInterrupt:
+        _stop_simulation(children)
+        raise
     log.info("simulation finished in %.1f s", time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _ctrl_c_remembers_children(children: list[Any]) -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual, after noting this process's descendants (Ray's
+    processes): Flower shuts Ray down before we see the interrupt, and its workers outlive that."""
+    # Only where Ctrl-C means KeyboardInterrupt (not in another thread, nor under nohup, which ignores it).
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            children.extend(psutil.Process().children(recursive=True))
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_simulation(children: list[Any], grace_seconds: float = 5.0) -> None:
+    """After Ctrl-C: Flower has stopped the Ray backend, but its ServerApp thread still waits for
+    replies that never come, and the interpreter would wait for it forever. Tell it to stop, give it
+    `grace_seconds` to write what it has, then make sure no Ray process is left."""
+    request_stop()
+    deadline = time.monotonic() + grace_seconds
+    for thread in leftover_threads():
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    _, alive = psutil.wait_procs(children, timeout=grace_seconds)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    log.debug("after Ctrl-C: threads still running %s", [t.name for t in leftover_threads()])
+
+
+def leftover_threads() -> list[threading.Thread]:
+    """Threads that would keep the interpreter from exiting (a server still finishing a round)."""
+    return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]

@@ -9,6 +9,8 @@ aggregator's job, which sees the tensors.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +25,41 @@ log = logging.getLogger(__name__)
 
 class TooFewClientsError(RuntimeError):
     """Fewer clients than required answered a round."""
+
+
+class RunInterrupted(RuntimeError):
+    """The user interrupted the run (Ctrl-C) while the server waited for replies."""
+
+
+# Set when the user interrupts a run whose server runs in another thread (Flower's simulation engine):
+# the server stops waiting for replies that will never come, so the process can end.
+_STOP = threading.Event()
+_PULL_SECONDS = 0.1
+
+
+def request_stop() -> None:
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """`Grid.send_and_receive`, but ending with RunInterrupted as soon as a stop is requested."""
+    waiting = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        if _STOP.is_set():
+            raise RunInterrupted("the run was interrupted while clients were training")
+        received = list(grid.pull_messages(waiting))
+        replies.extend(received)
+        waiting -= {reply.metadata.reply_to_message_id for reply in received}
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(_PULL_SECONDS)
+    return replies
 
 
 @dataclass
@@ -62,7 +99,7 @@ class Exchange:
             self.ledger.record(Direction.TO_CLIENTS, content, round_number)
             messages.append(Message(content, node_id, str(kind), group_id=str(round_number)))
         replies: dict[int, RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout_seconds):
+        for reply in _send_and_receive(self.grid, messages, self.timeout_seconds):
             node_id = reply.metadata.src_node_id
             if reply.has_error():
                 self.fail(round_number, node_id, f"client error: {reply.error.reason}")

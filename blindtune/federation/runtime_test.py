@@ -119,3 +119,94 @@ def test_killed_server_resumes_to_the_same_final_state(tiny_model_dir, tmp_path)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     history = json.loads((interrupted / "results.json").read_text())["history"]
     assert [row["round"] for row in history] == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def ctrl_c_in_round(monkeypatch):
+    """Ctrl-C while client 1 trains in the round the test names (KeyboardInterrupt from the client)."""
+    original = OffsiteTuning.client
+    when = {"round": None}
+
+    def client(self, kind, content, run):
+        training = kind is MessageKind.TRAIN and run.partition_id == 1
+        if training and int(content[RecordKey.INSTRUCTIONS]["round"]) == when["round"]:
+            raise KeyboardInterrupt
+        return original(self, kind, content, run)
+
+    monkeypatch.setattr(OffsiteTuning, "client", client)
+    return when
+
+
+def test_ctrl_c_in_process_keeps_the_last_round_and_resumes_to_the_same(ctrl_c_in_round, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    config = tiny_run_config("offsite", tiny_model_dir, {**NO_BASELINES, "federation": {"rounds": 3}})
+    run_experiment(config, tmp_path / "uninterrupted", progress=False)
+
+    interrupted = tmp_path / "interrupted"
+    ctrl_c_in_round["round"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, interrupted, progress=False)
+    assert sorted(p.name for p in (interrupted / "checkpoints").glob("round-*")) == ["round-0001"]
+    assert json.loads((interrupted / "federation.json").read_text())["status"] == "interrupted"
+    assert not (interrupted / "results.json").exists()
+
+    ctrl_c_in_round["round"] = None
+    results = run_experiment(config, interrupted, progress=False, resume=True)
+    assert [row["round"] for row in results["history"]] == [1, 2, 3]
+    final = "checkpoints/round-0003/adapter.safetensors"
+    expected, resumed = load_file(tmp_path / "uninterrupted" / final), load_file(interrupted / final)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_ctrl_c_on_the_command_line_says_how_to_resume(ctrl_c_in_round, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from blindtune.cli import app
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_run_config("offsite", tiny_model_dir, NO_BASELINES).to_dict()))
+    ctrl_c_in_round["round"] = 2
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(config_file), "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "round 1 is checkpointed" in result.output
+    assert f"continue with: blindtune run {config_file} --out {out} --resume" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_simulation_engine_ends_and_leaves_no_process(tiny_model_dir, tmp_path):
+    overrides = {**NO_BASELINES, "federation": {"rounds": 30, "engine": "simulation"}}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_run_config("offsite", tiny_model_dir, overrides).to_dict()))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blindtune.cli", "run", str(config_file), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "round-0001").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before round 1"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError("the run did not end within 60 s of Ctrl-C") from None
+    assert process.returncode == 130, output
+    assert "--resume" in output
+    time.sleep(2)
+    left = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _session(pid) == process.pid]
+    assert left == [], f"processes left behind: {left}"
+    assert (out / "checkpoints" / "round-0001" / "adapter.safetensors").is_file()
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None

@@ -94,7 +94,7 @@ def serve_emulator(
     what the emulator leaks (when `method.privacy` asks), hand it out, run the adapter rounds, and
     evaluate the LLM with the global adapter plugged in."""
     config = run.config
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     evaluate = config.eval.evaluator(task, run.progress)
     metrics = {
         "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),

@@ -131,8 +131,18 @@ def resolve_model_dir(name_or_path: str | None) -> Path:
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path))
+    directory = resolve_model_dir(name_or_path)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{directory} has no tokenizer: expected one of {', '.join(TOKENIZER_FILES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load the tokenizer in {directory}: {first_line}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -46,8 +46,15 @@ class TrainConfig:
     proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.learning_rate <= 0 or self.proximal_mu < 0:
-            raise ValueError(f"invalid training settings: {self}")
+        for name, valid, rule in (
+            ("steps", self.steps >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("max_length", self.max_length >= 2, ">= 2"),
+            ("proximal_mu", self.proximal_mu >= 0, ">= 0"),
+        ):
+            if not valid:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
 
 @dataclass

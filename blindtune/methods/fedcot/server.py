@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from blindtune.data import TaskKind, load_task
+from blindtune.data import TaskKind
 from blindtune.federation.adapter_rounds import (
     ADAPTER_POSITIONS,
     ADAPTER_SOURCES,
@@ -167,7 +167,7 @@ def run_server(run: ServerRun) -> ServerResult:
         # That audit plugs the final adapter into the LLM; FedCoT's LoRA belongs to the SLM's layers.
         raise ValueError("fedcot: privacy.audit.membership_inference does not apply (the adapter is the SLM's)")
     llm = load_model(config.model)
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     if task.kind is TaskKind.INSTRUCTION:  # its rationales explain a label or an answer; a response has neither
         raise ValueError(f"fedcot is not supported for this task kind ({task.kind}): use offsite, lleot or fedproxy")
     slm = build_slm(llm, config, run.progress)

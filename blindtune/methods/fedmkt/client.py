@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from blindtune.data import Example, load_task
+from blindtune.data import Example
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.methods.base import ClientRun
 from blindtune.methods.fedmkt.config import FedMKTConfig, SLMKind
@@ -127,7 +127,7 @@ def save_slm(slm: LocalSLM, workdir: Path) -> None:
 
 
 def evaluate_slm(run: ClientRun, slm: LocalSLM, desc: str) -> float:
-    task = load_task(run.config.task, run.config.data_dir, seed=run.config.seed)
+    task = run.config.load_task()
     return run.config.eval.evaluator(task, progress=False)(slm.model, slm.tokenizer, desc)
 
 

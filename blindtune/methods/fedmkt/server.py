@@ -27,10 +27,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from transformers import PreTrainedTokenizerBase
 
-from blindtune.data import Example, load_task
+from blindtune.data import Example
 from blindtune.federation.adapter_rounds import same_for_all
 from blindtune.federation.aggregation import ClientUpdate
-from blindtune.federation.checkpoint import save_checkpoint
+from blindtune.federation.checkpoint import CONFIG_HASH, save_checkpoint
 from blindtune.federation.ledger import Direction
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.rounds import TooFewClientsError
@@ -69,7 +69,7 @@ def public_examples(config: RunConfig) -> list[Example]:
     """The server's public set: (prompt, reference continuation) pairs."""
     method: FedMKTConfig = config.method_config
     if method.public_set == "validation":
-        examples = load_task(config.task, config.data_dir, seed=config.seed).validation
+        examples = config.load_task().validation
     else:
         examples = []
         for text in public_texts(method.public_set, config.task, config.seed).train:
@@ -167,7 +167,7 @@ def run_server(run: ServerRun) -> ServerResult:
         raise ValueError("fedmkt cannot resume an interrupted run: start it again without --resume")
     federation = config.federation
     llm = load_model(config.model)
-    evaluate = config.eval.evaluator(load_task(config.task, config.data_dir, seed=config.seed), run.progress)
+    evaluate = config.eval.evaluator(config.load_task(), run.progress)
     public = public_examples(config)
     llm_encoded = encode_public(llm.tokenizer, public, method.max_length)
     pad_id = int(llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else llm.tokenizer.eos_token_id)
@@ -273,7 +273,7 @@ def run_server(run: ServerRun) -> ServerResult:
             row["slm_accuracy"] = float(np.mean(list(slm_accuracy.values()))) if slm_accuracy else None
         log.info("round %d: %s", round_number, row)
         history.append(row)
-        meta = {"seed": config.seed, "history": history, "clients": clients}
+        meta = {"seed": config.seed, "history": history, "clients": clients, CONFIG_HASH: config.content_hash()}
         save_checkpoint(run.out_dir / "checkpoints", round_number, adapted.state(), meta)
 
     metrics["plugin"] = history[-1]["plugin"]

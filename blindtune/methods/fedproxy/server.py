@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from blindtune.data import load_task
 from blindtune.eval.leakage import cpl, perplexities
 from blindtune.federation.adapter_rounds import RoundSettings, hand_out, run_rounds
 from blindtune.federation.strategies import configured_strategy
@@ -108,7 +107,7 @@ def run_server(run: ServerRun) -> ServerResult:
     config = run.config
     method: FedProxyConfig = config.method_config
     llm = load_model(config.model)
-    task = load_task(config.task, config.data_dir, seed=config.seed)
+    task = config.load_task()
     evaluate = config.eval.evaluator(task, run.progress)
 
     prepared = handed_out_proxy(llm, config, run.progress)
