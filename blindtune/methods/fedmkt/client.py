@@ -250,6 +250,7 @@ def _distil_round(content: RecordDict, run: ClientRun, method: FedMKTConfig, kin
         PARTITION: run.partition_id,
         "distil_loss": stats.mean_loss,
         "distil_seconds": stats.seconds,
+        "public_examples_seen": method.client_distill_steps * run.config.train.batch_size,
         "teacher_sequences": float(weights.sum()),
         "public_sequences": len(public),
     }
