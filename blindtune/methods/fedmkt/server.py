@@ -10,9 +10,13 @@ distributions on a public set; each side trains only its own weights (the LLM: L
    set; (c) the server aligns them to the LLM's tokenisation and vocabulary, picks per sequence the
    clients whose loss beats the LLM's (`teacher_weights`), and distils into the LLM's LoRA with
    (1 - kd_alpha) * LM + kd_alpha * KD; (d) it sends its own distributions, aligned to each client's
-   tokenisation, and the clients distil where the LLM beats them. Optionally the SLM weights of
-   clients with the same architecture are averaged (FedAvg).
-Neither model's weights (beyond the SLM the server chooses to hand out) nor client data cross a boundary.
+   tokenisation, and the clients distil where the LLM beats them. With `slm_fedavg` the clients also
+   send their SLM weights (LoRA, or a WordPiece SLM's every weight), trained on their private data and
+   unprotected, and the server averages those of clients with the same architecture (FedAvg).
+3. Baseline: the LLM trained by the same server schedule on the public set alone (`llm_public_only`);
+   the federation's contribution is `plugin - llm_public_only` (`federation_gain`).
+Without `slm_fedavg`, no client weights and no client data cross: only distributions on the public set.
+The LLM's weights never leave the server (beyond the SLM it chooses to hand out).
 """
 
 from __future__ import annotations
