@@ -105,7 +105,7 @@ def server_privacy_results(
 
         privatised = tuple(getattr(method, "privatised_text_records", ()))
         # Everything the clients hold, not only what they trained on, counts as their raw text.
-        added[TRAFFIC_CHECK] = check(traffic, client_partitions(config), privatised)
+        added[TRAFFIC_CHECK] = check(traffic, client_partitions(config), privatised, config.privacy.dp.enabled)
     return added
 
 
@@ -176,19 +176,38 @@ def _sample(examples: Sequence[Example], count: int, seed: int) -> list[Example]
     return random.Random(seed).sample(examples, count)
 
 
+def trained_members(out_dir: Path, partition: int) -> list[int]:
+    """Indices (into client `partition`'s examples) of those it trained on, from the record it keeps."""
+    from blindtune.federation.adapter_rounds import trained_ids
+
+    return trained_ids(out_dir / "clients" / f"client-{partition}")
+
+
+def mia_member_ids(config: RunConfig, out_dir: Path, available_nonmembers: int) -> list[tuple[int, int]]:
+    """(partition, index) of the members the audit scores: a sample of what the clients trained on."""
+    trained = [
+        (partition, index)
+        for partition in range(len(client_examples(config)))
+        for index in trained_members(out_dir, partition)
+    ]
+    count = min(config.privacy.audit.mia_examples, len(trained), available_nonmembers)
+    return sorted(random.Random(config.seed + 1).sample(trained, count))
+
+
 def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[str, Any]:
     from blindtune.models import load_model
 
     strategy = _strategy(config)
     if strategy is None:
         return {"skipped": f"method {config.method!r} has no adapter to plug into the LLM"}
-    audit = config.privacy.audit
     task = load_task(config.task, config.data_dir, seed=config.seed)
-    members_pool = [e for examples in client_examples(config) for e in examples]
+    partitions = client_examples(config)
     held_out = list(task.validation) + list(task.test)
-    count = min(audit.mia_examples, len(members_pool), len(held_out))
-    members = _sample(members_pool, count, config.seed + 1)
-    nonmembers = _sample(held_out, count, config.seed + 2)
+    member_ids = mia_member_ids(config, out_dir, len(held_out))
+    if not member_ids:
+        return {"skipped": f"no client under {out_dir / 'clients'} recorded the examples it trained on"}
+    members = [partitions[partition][index] for partition, index in member_ids]
+    nonmembers = _sample(held_out, len(members), config.seed + 2)
     state = final_adapter(out_dir)
     llm = load_model(config.model)
     max_length = config.train.max_length

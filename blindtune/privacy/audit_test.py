@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from blindtune.cli import app
 from blindtune.conftest import tiny_run_config
 from blindtune.federation.strategies import FedAvg
+from blindtune.privacy.audit import mia_member_ids, trained_members
 from blindtune.runner import run_experiment
 
 DP_RUN = {
@@ -32,18 +33,24 @@ def dp_run(tiny_model_dir, tmp_path_factory):
     return out, run_experiment(tiny_run_config("offsite", tiny_model_dir, DP_RUN), out, progress=False)
 
 
-def test_a_dp_run_reports_its_epsilon_and_audits_next_to_utility(dp_run):
+def test_a_dp_run_reports_its_epsilon_and_audits_next_to_utility(dp_run, tiny_model_dir):
     out, results = dp_run
     dp = results["privacy"]["dp"]
     assert dp["enabled"] and 0 < dp["epsilon"] <= 8.0 * 1.01
-    assert dp["delta"] == pytest.approx(1 / 16)  # delta = 1/N, N = the client's examples
+    assert dp["delta"] == pytest.approx(1e-5)  # min(1e-5, 1/(10 N)), N = the client's 16 examples
     assert dp["epsilon_by_round"]["1"] < dp["epsilon_by_round"]["2"] == pytest.approx(dp["epsilon"])
     assert len(dp["epsilon_per_client"]) == 2
     assert all(row["dp_epsilon"] > 0 for row in results["clients"])
     assert [row["dp_epsilon"] for row in results["history"]] == list(dp["epsilon_by_round"].values())
 
     mia = results["privacy"]["membership_inference"]
-    assert mia["members"] == mia["nonmembers"] == 20
+    # Members are what the clients trained on (2 rounds x 2 Poisson batches of ~4 from 16), not whole partitions.
+    trained = {(p, i) for p in (0, 1) for i in trained_members(out, p)}
+    assert 0 < len(trained) < 32
+    member_ids = mia_member_ids(tiny_run_config("offsite", tiny_model_dir, DP_RUN), out, 1000)
+    assert set(member_ids) <= trained and len(member_ids) == min(20, len(trained))
+    assert mia["members"] == mia["nonmembers"] == len(member_ids)
+    assert mia["loss"]["auc_95ci"][0] <= mia["loss"]["auc"] <= mia["loss"]["auc_95ci"][1]
     for attack in ("loss", "loss_ratio"):
         assert 0 <= mia[attack]["auc"] <= 1 and 0 <= mia[attack]["tpr_at_1pct_fpr"] <= 1
     misuse = results["privacy"]["misuse"]
