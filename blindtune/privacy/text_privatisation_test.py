@@ -146,7 +146,7 @@ class FixedPrior(torch.nn.Module):
         self.text, self.vocabulary, self.strength = text, vocabulary, strength
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids: torch.Tensor):  # noqa: ANN201
+    def forward(self, input_ids: torch.Tensor):
         logits = torch.zeros(1, input_ids.shape[1], self.vocabulary)
         for position in range(input_ids.shape[1] - 1):
             logits[0, position, self.text[position + 1]] = self.strength
