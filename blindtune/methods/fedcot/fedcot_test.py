@@ -170,7 +170,9 @@ def test_sweep_table_and_plot(tmp_path):
         {"epsilon": name, "accuracy": acc, "epsilon_per_token": eps, "epsilon_per_prompt": prompt,
          "epsilon_per_record": record, "recovery_rate": rate, "recovery_rate_top_k": rate, "rationales_kept": 9,
          "ledger_passed": rate < 1}
-        for name, acc, eps, prompt, record, rate in (("1", 0.2, 1.0, 20.0, 28.0, 0.0), ("inf", 0.5, None, None, None, 1.0))
+        for name, acc, eps, prompt, record, rate in (
+            ("1", 0.2, 1.0, 20.0, 28.0, 0.0), ("inf", 0.5, None, None, None, 1.0)
+        )
     ]  # fmt: skip
     table = {"config": "c.yaml", "references": {"label_only": 0.3}, "rows": rows}
     text = markdown_table(table)
