@@ -336,23 +336,38 @@ class LikelihoodAttacker:
     (y: the received token; Z(x, eps): the mechanism's normaliser for input x) and takes the argmax
     over the `candidates` most likely tokens under the prior and the `candidates` nearest to y. The
     context is the received prompt (template and privatised tokens) in a first pass, the attacker's own
-    reconstruction in the next ones. log Z is computed from a histogram of each x's utilities over the
-    vocabulary (HISTOGRAM_BINS bins), exact up to the bin width.
+    reconstruction in the next ones. log Z is computed from a histogram of each x's utilities
+    (HISTOGRAM_BINS bins) over the candidate vocabulary, or, when it is larger than `normaliser_sample`,
+    over a fixed random sample of it scaled to its size, with x's own term (utility 1) exact.
     """
 
-    def __init__(self, mechanism: ExponentialMechanism, model: torch.nn.Module, candidates: int = 32, passes: int = 2):
+    def __init__(
+        self,
+        mechanism: ExponentialMechanism,
+        model: torch.nn.Module,
+        candidates: int = 16,
+        passes: int = 2,
+        normaliser_sample: int = 8192,
+    ):
         self.mechanism, self.model, self.candidates, self.passes = mechanism, model, candidates, passes
         self._histograms: dict[int, Tensor] = {}
         edges = torch.linspace(-1.0, 1.0, HISTOGRAM_BINS + 1)
         self._centres = (edges[:-1] + edges[1:]) / 2
+        pool = torch.nonzero(mechanism.candidate_mask).squeeze(-1)
+        if pool.numel() > normaliser_sample:
+            chosen = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(0))[:normaliser_sample]
+            pool = pool[chosen]
+        self._sample, self._scale = pool, float(mechanism.candidate_mask.sum()) / pool.numel()
 
     def _log_counts(self, token_ids: list[int]) -> Tensor:
         missing = [t for t in dict.fromkeys(token_ids) if t not in self._histograms]
         for start in range(0, len(missing), 256):
             rows = torch.tensor(missing[start : start + 256], dtype=torch.long)
-            utilities = self.mechanism.utilities(rows)[:, self.mechanism.candidate_mask]
+            utilities = (self.mechanism.unit[rows] @ self.mechanism.unit[self._sample].T).clamp(-1.0, 1.0)
+            others = (rows[:, None] != self._sample[None, :]).float() * self._scale  # x itself counted once below
             bins = ((utilities + 1) / 2 * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
-            counts = torch.zeros(len(rows), HISTOGRAM_BINS).scatter_add_(1, bins, torch.ones_like(utilities))
+            counts = torch.zeros(len(rows), HISTOGRAM_BINS).scatter_add_(1, bins, others)
+            counts[:, -1] += self.mechanism.candidate_mask[rows].float()
             for token, row in zip(rows.tolist(), counts.log(), strict=True):
                 self._histograms[token] = row
         return torch.stack([self._histograms[t] for t in token_ids])

@@ -157,10 +157,13 @@ def test_the_likelihood_attacker_uses_the_mechanism_and_the_language_model_prior
     vocabulary, length = 40, 200
     mechanism = random_mechanism(vocabulary, dim=6, seed=1)
     attacker = LikelihoodAttacker(mechanism, FixedPrior([], vocabulary, 0.0), candidates=vocabulary)
+    sampled = LikelihoodAttacker(mechanism, attacker.model, normaliser_sample=30)  # 30 of 40 tokens
     for token, epsilon in ((3, 4.0), (17, 30.0)):  # the histogram normaliser matches the exact distribution
         exact = mechanism.probabilities(token, epsilon).log()
         estimated = attacker.log_likelihood(torch.tensor([token]), received=5, epsilon=epsilon)
         assert float(estimated[0]) == pytest.approx(float(exact[5]), abs=0.05)
+        estimated = sampled.log_likelihood(torch.tensor([token]), received=5, epsilon=epsilon)
+        assert float(estimated[0]) == pytest.approx(float(exact[5]), abs=0.3)
 
     original = torch.randint(0, vocabulary, (length,), generator=torch.Generator().manual_seed(2)).tolist()
     epsilons = [6.0] * length
