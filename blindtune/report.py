@@ -40,6 +40,8 @@ METRIC_TITLES = {
     "plugin": "plug-in",
     "local_only": "local only",
     "centralized": "centralized",
+    "llm_public_only": "LLM on the public set alone",
+    "federation_gain": "federation's contribution (plug-in - public set alone)",
 }
 # Keys that hold accuracies, hence shown as percentages; other metrics whose names hold one of these
 # words are plain numbers even when they lie in [0, 1].
@@ -159,6 +161,8 @@ def format_metric(key: str, value: float | None) -> str:
     """Metrics are accuracies (shown as %) unless their name or value says otherwise (a loss, perplexity)."""
     if value is None:
         return MISSING
+    if key.endswith("_gain"):  # a difference of two accuracies
+        return f"{100 * value:+.1f} points"
     if key in ACCURACY_KEYS or (0 <= value <= 1 and not any(word in key for word in NOT_ACCURACY_WORDS)):
         return format_accuracy(value)
     return format_number(value)

@@ -162,3 +162,10 @@ def test_accuracy_intervals_capability_retained_and_one_panel_per_task(tmp_path)
     path = plot_utility_vs_privacy(runs, tmp_path / "plot.png", {"a": 0.1, "b": 0.25})
     figure_axes = __import__("matplotlib.image", fromlist=["imread"]).imread(path)
     assert path.is_file() and figure_axes.shape[1] > figure_axes.shape[0] * 1.5  # two panels side by side
+
+
+def test_the_federation_gain_reads_as_points_beside_the_public_only_llm():
+    from blindtune.report import format_metric
+
+    assert format_metric("federation_gain", -0.035) == "-3.5 points"
+    assert format_metric("llm_public_only", 0.405) == "40.5%"
