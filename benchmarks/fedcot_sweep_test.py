@@ -13,13 +13,18 @@ def test_sweep_table_and_plot(tmp_path):
         with pytest.raises(ValueError, match="epsilons"):
             parse_epsilons(bad)
     rows = [
-        {"epsilon": name, "accuracy": acc, "epsilon_per_token": eps, "epsilon_per_prompt": eps,
-         "recovery_rate": rate, "recovery_rate_top_k": rate, "rationales_kept": 9, "ledger_passed": rate < 1}
-        for name, acc, eps, rate in (("1", 0.2, 1.0, 0.0), ("inf", 0.5, None, 1.0))
+        {"epsilon": name, "accuracy": acc, "epsilon_per_token": eps, "epsilon_per_prompt": prompt,
+         "epsilon_per_record": record, "recovery_rate": rate, "recovery_rate_top_k": rate, "rationales_kept": 9,
+         "ledger_passed": rate < 1}
+        for name, acc, eps, prompt, record, rate in (
+            ("1", 0.2, 1.0, 20.0, 28.0, 0.0), ("inf", 0.5, None, None, None, 1.0)
+        )
     ]  # fmt: skip
     table = {"config": "c.yaml", "references": {"label_only": 0.3}, "rows": rows}
     text = markdown_table(table)
-    assert "| inf | 0.500 | inf | inf | 1.000 |" in text and "label_only 0.300" in text
+    # The per-record epsilon leads each row; the per-token one is a detail further right.
+    assert "| 28.000 | 20.000 | 0.200 | 1 | 1.000 |" in text and "label_only 0.300" in text
+    assert "| inf | inf | 0.500 | inf | inf | 1.000 |" in text
     plot(table, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
 

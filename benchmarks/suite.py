@@ -70,15 +70,14 @@ BUDGETS = {
         throughput={"steps": 2, "repeats": 8},
         scale={"clients": [2, 8, 32, 100], "simulation_clients": [8]},
         notes=[
-            "1 seed; 3 clients x 2 rounds x 4 steps x 8 examples; 50 test examples per task; in-process engine "
+            "1 seed; 3 clients x 2 rounds x 4 steps x 8 examples; 200 test examples per task; in-process engine "
             "(same apps and records as Flower's simulation engine, without Ray's start-up); LLEOT's emulator "
             "prepared in 20 + 20 steps, its soft prompt at lr 0.01; FedProxy's proxy compressed as its acceptance "
             "config's but distilled in 30 steps; FedMKT 16 public examples, 4 + 3 distillation steps; FedCoT 8 "
             "privatised prompts per client (epsilon 50 per private token, adaptive), 24-token rationales, the "
-            "only method on GSM8K (30 test questions, answers of at most 128 generated tokens); baselines for "
+            "only method on GSM8K (200 test questions, answers of at most 128 generated tokens); baselines for "
             "offsite only; PubMedQA only in the full budget.",
         ],
-        task_overrides={"gsm8k": {"eval": {"limit": 30}}},  # greedy decoding of 3 x 50 answers took 4 of its 10 min
     ),
     "full": Budget(
         name="full",
@@ -315,7 +314,7 @@ def examples_seen(run: dict[str, Any]) -> int:
 
 def summary_rows(utility: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, setting): accuracy mean and spread over seeds, and what it cost."""
-    from blindtune.report import capability_leakage
+    from blindtune.report import accuracy_interval, capability_leakage, scored_examples
 
     rows: list[dict[str, Any]] = []
     for task, info in utility["tasks"].items():
@@ -329,12 +328,19 @@ def summary_rows(utility: dict[str, Any], runs: list[dict[str, Any]]) -> list[di
         task_runs = [r for r in runs if r["task"] == task]
         failed = [e for e in utility["runs"] if e["task"] == task and e["status"] == "failed"]
 
-        def add(setting: str, values: list[float], seen: int | None, task: str = task, **extra: Any) -> None:
+        scored = scored_examples(task_runs[0]) if task_runs else 0
+
+        def add(
+            setting: str, values: list[float], seen: int | None, task: str = task, scored: int = scored, **extra: Any
+        ) -> None:
             if not values:
                 return
             mean, spread = mean_spread(values)
+            # Bootstrap over the test examples of every seed pooled (each seed scores the same `scored`).
+            low, high = accuracy_interval(mean, scored * len(values)) if scored else (None, None)
             rows.append(
                 {"task": task, "setting": setting, "mean": mean, "spread": spread, "seeds": len(values)}
+                | {"interval": [low, high] if low is not None else None}
                 | ({"examples_seen": seen} if seen is not None else {})
                 | extra
             )
@@ -380,23 +386,50 @@ def summary_rows(utility: dict[str, Any], runs: list[dict[str, Any]]) -> list[di
     return rows
 
 
+def chance_levels(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Per task: the accuracy of guessing (mean of 1 / options over its test split; 0 for generation)."""
+    from blindtune.data import load_task
+
+    levels = {}
+    for task in {str(run["task"]) for run in runs}:
+        try:
+            test = load_task(task).test
+        except (OSError, ValueError):  # a task whose data is not here: no chance correction
+            levels[task] = 0.0
+            continue
+        options = [len(example.choices) for example in test if example.choices]
+        levels[task] = sum(1 / n for n in options) / len(test) if options else 0.0
+    return levels
+
+
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     from blindtune.report import markdown_table
 
-    header = ["task", "setting", "accuracy", "seeds", "examples seen", "CPL"]
+    header = ["task", "setting", "accuracy", "95% interval", "vs LLM zero-shot", "seeds", "examples seen", "CPL"]
     lines = []
+    llm = {row["task"]: row.get("interval") for row in rows if row.get("setting") == "LLM zero-shot"}
     for row in rows:
         if "note" in row:
-            lines.append([row["task"], row["setting"], row["note"], "", "", ""])
+            lines.append([row["task"], row["setting"], row["note"], "", "", "", "", ""])
             continue
         accuracy = f"{100 * row['mean']:.1f}%"
         if row["spread"] is not None:
             accuracy += f" ± {100 * row['spread']:.1f}"
+        interval = row.get("interval")
+        reference = llm.get(row["task"])
+        if row["setting"] == "LLM zero-shot" or not interval or not reference:
+            versus = ""
+        elif interval[0] <= reference[1] and reference[0] <= interval[1]:
+            versus = "within noise"
+        else:
+            versus = "above" if row["mean"] > (reference[0] + reference[1]) / 2 else "below"
         lines.append(
             [
                 row["task"],
                 row["setting"],
                 accuracy,
+                f"{100 * interval[0]:.1f}-{100 * interval[1]:.1f}" if interval else "",
+                versus,
                 str(row["seeds"]),
                 f"{row['examples_seen']:,}" if row.get("examples_seen") else "",
                 f"{row['cpl']:.0f}" if row.get("cpl") is not None else "",
@@ -491,14 +524,17 @@ def write_page(suite: dict[str, Any], out: Path) -> Path:
             "",
             "## Utility",
             "",
-            "Accuracy on each task's test split (mean ± standard deviation over seeds). Trained rows see the "
-            "same number of examples. CPL (capability leakage) = emulator zero-shot / LLM zero-shot x 100: how "
-            "much of the LLM's ability the hand-out carries on its own (lower = more private).",
+            "Accuracy on each task's test split (mean ± standard deviation over seeds), with a 95% bootstrap "
+            "interval over the test examples (all seeds pooled); a row whose interval overlaps the LLM zero-shot "
+            'row\'s is "within noise" of it. Trained rows see the same number of examples. CPL (capability '
+            "leakage) = emulator zero-shot / LLM zero-shot x 100: how much of the LLM's ability the hand-out "
+            "carries on its own (lower = more private). The plot: one panel per task, x = the hand-out's "
+            "capability retained above chance, y = plug-in gain over the LLM's zero-shot with its 95% interval.",
             "",
             *summary_table(suite["summary"]),
         ]
         if runs:
-            plot_utility_vs_privacy(runs, out / "utility_vs_privacy.png")
+            plot_utility_vs_privacy(runs, out / "utility_vs_privacy.png", chance_levels(runs))
             labels = [f"{r['method']} ({r['task']}, seed {r['config']['seed']})" for r in runs]
             write_report(runs_without_entry(runs), out / "runs", title="blindtune benchmark runs in detail")
             lines += [

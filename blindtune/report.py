@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+import scipy.stats
 
 matplotlib.use("Agg")  # files only: no display is needed, and none exists on a server
 import matplotlib.pyplot as plt
@@ -38,6 +40,8 @@ METRIC_TITLES = {
     "plugin": "plug-in",
     "local_only": "local only",
     "centralized": "centralized",
+    "llm_public_only": "LLM on the public set alone",
+    "federation_gain": "federation's contribution (plug-in - public set alone)",
 }
 # Keys that hold accuracies, hence shown as percentages; other metrics whose names hold one of these
 # words are plain numbers even when they lie in [0, 1].
@@ -157,6 +161,8 @@ def format_metric(key: str, value: float | None) -> str:
     """Metrics are accuracies (shown as %) unless their name or value says otherwise (a loss, perplexity)."""
     if value is None:
         return MISSING
+    if key.endswith("_gain"):  # a difference of two accuracies
+        return f"{100 * value:+.1f} points"
     if key in ACCURACY_KEYS or (0 <= value <= 1 and not any(word in key for word in NOT_ACCURACY_WORDS)):
         return format_accuracy(value)
     return format_number(value)
@@ -307,36 +313,83 @@ def bytes_table(
     return markdown_table(header, rows)
 
 
-def plot_utility_vs_privacy(runs: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Plug-in accuracy against capability leakage (CPL), one point per run: the trade-off a method makes.
+def accuracy_interval(accuracy: float, examples: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of an accuracy over `examples` scored test examples (percentile method)."""
+    correct = round(accuracy * examples)
+    outcomes = np.zeros(max(examples, 1))
+    outcomes[:correct] = 1.0
+    if correct in (0, examples):
+        return accuracy, accuracy
+    result = scipy.stats.bootstrap(
+        (outcomes,),
+        np.mean,
+        n_resamples=2000,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=np.random.default_rng(0),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
-    Good methods sit top-left: high accuracy once the adapter is plugged in, low usefulness of the
-    hand-out on its own.
+
+def scored_examples(run: dict[str, Any]) -> int:
+    """How many test examples the run scored (its eval.limit, at most the task's test split)."""
+    return int(run.get("config", {}).get("eval", {}).get("limit") or 0)
+
+
+def capability_retained(hand_out: float, llm: float, chance: float) -> float | None:
+    """(hand-out accuracy - chance) / (LLM accuracy - chance): the share of the LLM's above-chance
+    capability a client gets from the hand-out alone (0: none, 1: all). None when the LLM is at chance."""
+    return None if llm - chance <= 0 else (hand_out - chance) / (llm - chance)
+
+
+def plot_utility_vs_privacy(runs: Sequence[dict[str, Any]], path: Path, chance: dict[str, float] | None = None) -> Path:
+    """One panel per task: the hand-out's capability retained (x) against the plug-in's gain over the
+    LLM's zero-shot (y, points, with 95% bootstrap intervals), the centralised gain as a dashed line.
+
+    Good methods sit top-left: a large gain once the adapter is plugged in, little of the LLM's
+    capability in the hand-out on its own. `chance`: per task, the accuracy of guessing (0 if absent).
     """
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    markers = "osD^vP*Xh"
+    chance = chance or {}
     tasks = list({str(run["task"]): None for run in runs})
     methods = list({str(run["method"]): None for run in runs})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    shown: set[str] = set()
-    for run in runs:
-        cpl, plugin = capability_leakage(run), run["metrics"].get("plugin")
-        if cpl is None or plugin is None:
-            continue
-        method, task = str(run["method"]), str(run["task"])
-        legend = f"{method} ({task})" if len(tasks) > 1 else method
-        axes.scatter(
-            cpl,
-            100 * plugin,
-            color=colors[methods.index(method) % len(colors)],
-            marker=markers[tasks.index(task) % len(markers)],
-            label=None if legend in shown else legend,
-        )
-        shown.add(legend)
-    axes.set_xlabel("capability leakage: emulator / LLM zero-shot (%)  (lower = more private)")
-    axes.set_ylabel("plug-in accuracy (%)")
-    axes.set_title("Utility vs capability privacy")
-    axes.grid(alpha=0.3)
-    if shown:
-        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    figure, panels = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 4), squeeze=False)
+    for axes, task in zip(panels[0], tasks or [""], strict=True):
+        centralised = []
+        for run in (r for r in runs if str(r["task"]) == task):
+            metrics = run["metrics"]
+            llm, plugin, hand_out = (
+                metrics.get("llm_zero_shot"),
+                metrics.get("plugin"),
+                metrics.get("emulator_zero_shot"),
+            )
+            if metrics.get("centralized") is not None and llm is not None:
+                centralised.append(100 * (metrics["centralized"] - llm))
+            if llm is None or plugin is None or hand_out is None:
+                continue
+            x = capability_retained(hand_out, llm, chance.get(task, 0.0))
+            if x is None:
+                continue
+            low, high = accuracy_interval(plugin, scored_examples(run) or 1)
+            gain = 100 * (plugin - llm)
+            method = str(run["method"])
+            axes.errorbar(
+                x,
+                gain,
+                yerr=[[gain - 100 * (low - llm)], [100 * (high - llm) - gain]],
+                fmt="o",
+                capsize=3,
+                color=colors[methods.index(method) % len(colors)],
+            )
+            axes.annotate(method, (x, gain), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        if centralised:
+            level = sum(centralised) / len(centralised)
+            axes.axhline(level, linestyle="--", color="grey")
+            axes.text(0.02, level, " centralised", va="bottom", fontsize="small", transform=axes.get_yaxis_transform())
+        axes.axhline(0, color="black", linewidth=0.5)
+        axes.set_title(task, fontsize="medium")
+        axes.set_xlabel("hand-out capability retained (above chance)")
+        axes.set_ylabel("plug-in gain over LLM zero-shot (points)")
+        axes.grid(alpha=0.3)
+    figure.tight_layout()  # keeps every label inside the figure
     return _save(figure, path)

@@ -142,3 +142,30 @@ def test_formatting() -> None:
         "3.0 TiB",
     ]
     assert [format_seconds(v) for v in (3.21, 125, 3 * 3600 + 65)] == ["3.2 s", "2 min 05 s", "3 h 01 min"]
+
+
+def test_accuracy_intervals_capability_retained_and_one_panel_per_task(tmp_path):
+    from blindtune.report import accuracy_interval, capability_retained, plot_utility_vs_privacy
+
+    low, high = accuracy_interval(0.54, 200)
+    assert low < 0.54 < high and 0.12 < high - low < 0.16  # about +- 7 points on 200 examples
+    wide, narrow = accuracy_interval(0.5, 50), accuracy_interval(0.5, 800)
+    assert wide[1] - wide[0] > 3 * (narrow[1] - narrow[0])
+    assert capability_retained(0.25, 0.75, 0.25) == 0.0 and capability_retained(0.5, 0.75, 0.25) == 0.5
+    assert capability_retained(0.3, 0.2, 0.25) is None  # the LLM at chance: nothing to retain
+
+    def run(task: str, method: str, plugin: float) -> dict:
+        metrics = {"llm_zero_shot": 0.3, "emulator_zero_shot": 0.2, "plugin": plugin, "centralized": 0.7}
+        return {"task": task, "method": method, "metrics": metrics, "config": {"eval": {"limit": 200}}}
+
+    runs = [run("a", "offsite", 0.5), run("a", "fedproxy", 0.6), run("b", "offsite", 0.4)]
+    path = plot_utility_vs_privacy(runs, tmp_path / "plot.png", {"a": 0.1, "b": 0.25})
+    figure_axes = __import__("matplotlib.image", fromlist=["imread"]).imread(path)
+    assert path.is_file() and figure_axes.shape[1] > figure_axes.shape[0] * 1.5  # two panels side by side
+
+
+def test_the_federation_gain_reads_as_points_beside_the_public_only_llm():
+    from blindtune.report import format_metric
+
+    assert format_metric("federation_gain", -0.035) == "-3.5 points"
+    assert format_metric("llm_public_only", 0.405) == "40.5%"

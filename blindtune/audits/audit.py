@@ -35,7 +35,7 @@ from blindtune.audits.report import add_privacy_section
 from blindtune.config import RunConfig
 from blindtune.data import Example
 from blindtune.eval.scoring import perplexity
-from blindtune.federation.adapter_rounds import LAYER_MAP_FILE
+from blindtune.federation.adapter_rounds import LAYER_MAP_FILE, trained_ids
 from blindtune.federation.apps import FederationRecord, client_partitions
 from blindtune.federation.checkpoint import latest_checkpoint
 from blindtune.federation.strategies import FedAvg, configured_strategy
@@ -73,7 +73,7 @@ class LedgerCheck:
     def findings(self) -> dict[str, Any]:
         assert self.traffic is not None, "watch() comes first"
         # Everything the clients hold, not only what they trained on, counts as their raw text.
-        return check(self.traffic, client_partitions(self.config), self.privatised)
+        return check(self.traffic, client_partitions(self.config), self.privatised, self.config.privacy.dp.enabled)
 
 
 @dataclass
@@ -181,17 +181,34 @@ def _sample(examples: Sequence[Example], count: int, seed: int) -> list[Example]
     return random.Random(seed).sample(examples, count)
 
 
+def trained_members(out_dir: Path, partition: int) -> list[int]:
+    """Indices (into client `partition`'s examples) of those it trained on, from the record it keeps."""
+    return trained_ids(out_dir / "clients" / f"client-{partition}")
+
+
+def mia_member_ids(config: RunConfig, out_dir: Path, available_nonmembers: int) -> list[tuple[int, int]]:
+    """(partition, index) of the members the audit scores: a sample of what the clients trained on."""
+    trained = [
+        (partition, index)
+        for partition in range(len(client_examples(config)))
+        for index in trained_members(out_dir, partition)
+    ]
+    count = min(config.privacy.audit.mia_examples, len(trained), available_nonmembers)
+    return sorted(random.Random(config.seed + 1).sample(trained, count))
+
+
 def mia_audit(config: RunConfig, out_dir: Path, progress: bool = False) -> dict[str, Any]:
     skipped = {"skipped": f"method {config.method!r} has no adapter to plug into the LLM"}
     if _strategy(config) is None:
         return skipped
-    audit = config.privacy.audit
     task = config.load_task()
-    members_pool = [e for examples in client_examples(config) for e in examples]
+    partitions = client_examples(config)
     held_out = list(task.validation) + list(task.test)
-    count = min(audit.mia_examples, len(members_pool), len(held_out))
-    members = _sample(members_pool, count, config.seed + 1)
-    nonmembers = _sample(held_out, count, config.seed + 2)
+    member_ids = mia_member_ids(config, out_dir, len(held_out))
+    if not member_ids:
+        return {"skipped": f"no client under {out_dir / 'clients'} recorded the examples it trained on"}
+    members = [partitions[partition][index] for partition, index in member_ids]
+    nonmembers = _sample(held_out, len(members), config.seed + 2)
     state = final_adapter(out_dir)
     llm = load_model(config.model)
     max_length = config.train.max_length

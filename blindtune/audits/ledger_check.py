@@ -9,6 +9,10 @@ are particular to that example (template lines shared by many prompts are public
 contains such a line (or its content after a short `Label: ` prefix) verbatim, or shares a run of
 `SHINGLE_WORDS` consecutive words with one.
 
+Under DP-SGD the check also fails a run whose clients send per-client values computed on their records
+without noise (`UNNOISED_UNDER_DP`: training loss, token and example counts of the private batches):
+the DP guarantee covers only what went through the mechanism.
+
 A method that explicitly sends privatised text (FedCoT's privatised rationales) names the records
 that carry it in `privatised_text_records`; texts there are counted as privatised, and must not leak
 raw text either. The check does not judge how private a privatised text is, nor find text hidden in
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from blindtune.data import Example
@@ -34,6 +38,7 @@ SHINGLE_WORDS = 6
 MIN_FRAGMENT_CHARS = 12
 MAX_KEPT_TEXTS = 20_000
 _WORD = re.compile(r"\w+")
+UNNOISED_UNDER_DP = frozenset({"train_loss", "train_tokens", "examples_seen"})
 
 
 @dataclass
@@ -53,6 +58,7 @@ class TrafficAudit(DelegatingGrid):
         self.replies = 0
         self.integer_arrays: Counter[str] = Counter()
         self.values_by_record: Counter[str] = Counter()
+        self.metric_keys: Counter[str] = Counter()  # "record/key" of every number in a metric record
 
     def incoming(self, replies: list[Message]) -> None:
         for reply in replies:
@@ -66,6 +72,8 @@ class TrafficAudit(DelegatingGrid):
                     for key, array in record.items():
                         if not np.issubdtype(np.dtype(array.dtype), np.floating):
                             self.integer_arrays[f"{name}/{key}"] += 1
+                elif isinstance(record, MetricRecord):
+                    self.metric_keys.update(f"{name}/{key}" for key in record)
                 elif isinstance(record, ConfigRecord):
                     for key, value in record.items():
                         for text in _texts(value):
@@ -109,9 +117,13 @@ def _shingles(text: str) -> set[tuple[str, ...]]:
 
 
 def check(
-    audit: TrafficAudit, client_examples: Sequence[Sequence[Example]], privatised_records: Collection[str] = ()
+    audit: TrafficAudit,
+    client_examples: Sequence[Sequence[Example]],
+    privatised_records: Collection[str] = (),
+    dp_enabled: bool = False,
 ) -> dict[str, Any]:
-    """The ledger check's verdict and figures (JSON-ready)."""
+    """The ledger check's verdict and figures (JSON-ready); `dp_enabled`: the clients train under
+    DP-SGD, so un-noised per-client values they send fail the check."""
     fragments = private_fragments([example for examples in client_examples for example in examples])
     shingles = set().union(*(_shingles(fragment) for fragment in fragments)) if fragments else set()
     leaks = []
@@ -132,8 +144,12 @@ def check(
                     "match": verbatim if verbatim is not None else " ".join(shared or ()),
                 }
             )
+    unnoised = (
+        sorted(key for key in audit.metric_keys if key.rpartition("/")[2] in UNNOISED_UNDER_DP) if dp_enabled else []
+    )
     return {
-        "passed": not leaks,
+        "passed": not leaks and not unnoised,
+        "unnoised_metrics_under_dp": unnoised,
         "replies_checked": audit.replies,
         "client_fragments": len(fragments),
         "texts_received": len(audit.texts),

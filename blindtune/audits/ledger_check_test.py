@@ -64,3 +64,12 @@ def test_privatised_text_is_counted_apart_and_must_not_be_raw():
     assert verdict["passed"] and verdict["privatised_texts_received"] == 1 and verdict["other_texts_received"] == 0
     raw = RecordDict({"rationale": ConfigRecord({"text": "a small furry animal number 2 that hides"})})
     assert not check(_audit(raw), CLIENTS, privatised_records=["rationale"])["passed"]
+
+
+def test_a_dp_run_fails_when_clients_send_un_noised_per_client_values():
+    noised_only = RecordDict({"metrics": MetricRecord({"num_examples": 30, "dp_epsilon": 7.9, "train_seconds": 2.0})})
+    assert check(_audit(noised_only), CLIENTS, dp_enabled=True)["passed"]
+    exact = RecordDict({"metrics": MetricRecord({"num_examples": 30, "dp_epsilon": 7.9, "train_loss": 1.3})})
+    verdict = check(_audit(exact), CLIENTS, dp_enabled=True)
+    assert not verdict["passed"] and verdict["unnoised_metrics_under_dp"] == ["metrics/train_loss"]
+    assert check(_audit(exact), CLIENTS)["passed"]  # without DP a loss is no privacy claim

@@ -10,7 +10,9 @@ Two standard attacks, each a score per example (higher = "member"):
 
 Members are client training examples, non-members held-out examples of the same task; the attack's
 quality is its ROC-AUC (0.5: no better than chance) and its true-positive rate at a 1% false-positive
-rate (what an attacker who must rarely be wrong can find).
+rate (what an attacker who must rarely be wrong can find), the AUC with a bootstrap 95% interval.
+Members are drawn from the examples the clients recorded as trained on (not whole partitions: a
+client's steps x batch size may not cover its partition).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -33,20 +36,30 @@ def roc_auc(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Seque
     nonmembers = np.asarray(nonmember_scores, dtype=float)
     if members.size == 0 or nonmembers.size == 0:
         raise ValueError("ROC-AUC needs at least one member and one non-member")
-    scores = np.concatenate([members, nonmembers])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(scores.size, dtype=float)
-    sorted_scores = scores[order]
-    start = 0
-    while start < scores.size:  # average ranks over ties
-        end = start
-        while end + 1 < scores.size and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    member_rank_sum = ranks[: members.size].sum()
-    u = member_rank_sum - members.size * (members.size + 1) / 2
+    u = scipy.stats.mannwhitneyu(members, nonmembers, alternative="two-sided").statistic
     return float(u / (members.size * nonmembers.size))
+
+
+def auc_interval(
+    member_scores: np.ndarray, nonmember_scores: np.ndarray, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A bootstrap interval of the ROC-AUC, members and non-members resampled independently."""
+    result = scipy.stats.bootstrap(
+        (member_scores, nonmember_scores),
+        _auc_rows,
+        paired=False,
+        vectorized=True,
+        n_resamples=1000,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _auc_rows(members: np.ndarray, nonmembers: np.ndarray, axis: int = -1) -> np.ndarray:
+    u = scipy.stats.mannwhitneyu(members, nonmembers, alternative="two-sided", axis=axis).statistic
+    return np.asarray(u / (members.shape[axis] * nonmembers.shape[axis]))
 
 
 def tpr_at_fpr(
@@ -86,9 +99,13 @@ def example_losses(
 
 def attack_figures(
     member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray
-) -> dict[str, float]:
+) -> dict[str, Any]:
+    members = np.asarray(member_scores, dtype=float)
+    nonmembers = np.asarray(nonmember_scores, dtype=float)
+    low, high = auc_interval(members, nonmembers)
     return {
-        "auc": roc_auc(member_scores, nonmember_scores),
+        "auc": roc_auc(members, nonmembers),
+        "auc_95ci": [low, high],  # bootstrap over members and non-members
         "tpr_at_1pct_fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.01),
         "tpr_at_10pct_fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.10),
     }

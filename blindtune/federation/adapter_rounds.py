@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,11 +177,15 @@ def run_rounds(
                     **dict(reply[RecordKey.METRICS]),
                 }
             )
-        losses = [number(replies[node], RecordKey.METRICS, "train_loss") for node in kept_nodes]
+        losses = [
+            number(replies[node], RecordKey.METRICS, "train_loss")
+            for node in kept_nodes
+            if "train_loss" in replies[node][RecordKey.METRICS]
+        ]
         bytes_this_round = exchange.ledger.bytes_by_round[round_number]
         row: dict[str, Any] = {
             "round": round_number,
-            "train_loss": sum(losses) / len(losses),
+            "train_loss": sum(losses) / len(losses) if losses else None,  # None: not released under DP
             "bytes_to_clients": bytes_this_round[Direction.TO_CLIENTS],
             "bytes_to_server": bytes_this_round[Direction.TO_SERVER],
         }
@@ -224,6 +228,23 @@ def _server_protections(privacy: Any, strategy: FedAvg, first_round: int) -> tup
     if config.server_dp.enabled:
         return None, ServerSideDP(config.server_dp, rounds_done=first_round - 1)
     return None, None
+
+
+TRAINED_IDS_FILE = "trained_ids.json"
+
+
+def record_trained(workdir: Path, indices: Iterable[int]) -> None:
+    """Add the indices (into this client's examples) of those it trained on to its own record, which
+    stays with the client: only the membership audit reads it, to draw real members."""
+    path = workdir / TRAINED_IDS_FILE
+    known = set(json.loads(path.read_text())) if path.is_file() else set()
+    path.write_text(json.dumps(sorted(known | set(indices))))
+
+
+def trained_ids(workdir: Path) -> list[int]:
+    """The indices a client recorded with `record_trained` (empty when it recorded none)."""
+    path = workdir / TRAINED_IDS_FILE
+    return list(json.loads(path.read_text())) if path.is_file() else []
 
 
 def same_for_all(content: RecordDict) -> Callable[[int], RecordDict]:
@@ -294,18 +315,19 @@ def train_round(
             progress=False,
             desc=f"client {client_index} round {round_number}",
         )
+    record_trained(workdir, stats.trained_indices)
+    # Under DP the loss, token and example counts of the private batches are not released: they were
+    # computed on the records without noise (the ledger check fails a DP run that sends them).
+    data_metrics = (
+        {}
+        if dp_metrics
+        else {"examples_seen": stats.examples_seen, "train_loss": stats.mean_loss, "train_tokens": stats.tokens_seen}
+    )
     return RecordDict(
         {
             RecordKey.ADAPTER: tensors_to_record(adapted.state()),
             RecordKey.METRICS: MetricRecord(
-                {
-                    "num_examples": len(examples),
-                    "examples_seen": stats.examples_seen,
-                    "train_loss": stats.mean_loss,
-                    "train_seconds": stats.seconds,
-                    "train_tokens": stats.tokens_seen,
-                    **dp_metrics,
-                }
+                {"num_examples": len(examples), "train_seconds": stats.seconds, **data_metrics, **dp_metrics}
             ),
         }
     )

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from blindtune.config import RunConfig
 from blindtune.data import Example
 from blindtune.data.partition import partition
+from blindtune.federation.adapter_rounds import TRAINED_IDS_FILE
 from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
 from blindtune.federation.rounds import Exchange, RunInterrupted
@@ -183,6 +184,7 @@ def build_apps(
         kind = MessageKind(message.metadata.message_type)
         if kind is MessageKind.SETUP and not resume:
             reset_accountant(workdir)  # a new run: its privacy accounting starts from zero
+            (workdir / TRAINED_IDS_FILE).unlink(missing_ok=True)  # and so does its record of what it trained on
         with placed(config.placement()), client_privacy(config.privacy, workdir, config.federation.rounds):
             reply = method.client(kind, message.content, run)
         return Message(reply, reply_to=message)

@@ -18,7 +18,8 @@
   clients train, as FedAvg averages them, and clients continue from the merged factors. Merging the
   products B_i A_i instead (exact, but kept as FLoRA-style stacked factors, so each round's clients
   start a fresh LoRA on a merged base) was measured in FedProxy: the tuned proxy was as good, but
-  its update transferred to the LLM far worse (plug-in 30.5% against 61.0% on the factors;
+  its update transferred to the LLM far worse (plug-in 30.5% against 61.0% on the factors, both one
+  seed on test at commit 6efebb4, now stale: the factor run gives 54.0% on main;
   `benchmarks/results/acceptance/README.md`).
 - `conflict_projection`: removes the conflicting directions between client updates before averaging
   them (gradient surgery, PCGrad; Yu et al., 2020): wherever <u_i, u_j> < 0, client i's update loses its

@@ -41,6 +41,10 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
     assert cost["bytes_to_clients"] > cost["bytes_to_server"] > 0
     assert cost["wall_seconds"] > 0 and cost["train_tokens_per_second"] > 0
     assert results["failures"] == []
+    if method == "fedmkt":  # the LLM on the public set alone, same server schedule: the federation's baseline
+        assert 0.0 <= results["metrics"]["llm_public_only"] <= 1.0
+        gain = results["metrics"]["plugin"] - results["metrics"]["llm_public_only"]
+        assert results["metrics"]["federation_gain"] == pytest.approx(gain)
     assert (tmp_path / "run" / "report.md").is_file()
     assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
 

@@ -46,7 +46,8 @@ class DPSGDConfig:
         `target_epsilon`, not both.
     target_epsilon: pick the smallest noise multiplier whose epsilon after all planned rounds is at
         most this (the accountant's own search, for rounds x train.steps steps).
-    delta: the delta of (epsilon, delta)-DP; None means 1 / N for each client.
+    delta: the delta of (epsilon, delta)-DP; None means min(1e-5, 1 / (10 N)) for a client with N
+        examples. A delta >= 1/N is refused when the client trains.
     max_grad_norm: per-example gradient clipping bound C (replaces train.max_grad_norm).
     accountant: `rdp` (Renyi DP) or `prv` (PRV accountant, tighter).
     secure_mode: cryptographically strong noise (needs torchcsprng; off for experiments).

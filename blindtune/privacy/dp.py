@@ -151,6 +151,23 @@ def resolve_noise(dp: DPSGDConfig, delta: float, sample_rate: float, planned_ste
     return noise_for_budget(dp.accountant, dp.target_epsilon, delta, sample_rate, planned_steps)
 
 
+class DeltaTooLargeError(ValueError):
+    """delta >= 1/N: a mechanism that publishes one record outright would satisfy the guarantee."""
+
+
+def resolve_delta(dp: DPSGDConfig, num_examples: int) -> float:
+    """The delta a client with `num_examples` records accounts at: the configured one, or by default
+    min(1e-5, 1 / (10 N)); a delta >= 1/N is refused (it allows releasing a whole record)."""
+    if dp.delta is None:
+        return min(1e-5, 1.0 / (10 * num_examples))
+    if dp.delta >= 1.0 / num_examples:
+        raise DeltaTooLargeError(
+            f"privacy.dp.delta = {dp.delta:g} is >= 1/N = 1/{num_examples} for a client with {num_examples} "
+            f"examples; use at most min(1e-5, 1/(10 N)) = {min(1e-5, 1.0 / (10 * num_examples)):.3g}"
+        )
+    return dp.delta
+
+
 def train_private(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -178,7 +195,7 @@ def train_private(
         raise ValueError("cannot train on an empty example list")
     check_privatizable(model)
     num_examples = len(examples)
-    delta = dp.delta if dp.delta is not None else 1.0 / num_examples
+    delta = resolve_delta(dp, num_examples)
     state = load_accountant(workdir, dp.accountant, delta)
     batch_size = min(config.batch_size, num_examples)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(num_examples)), batch_size)
@@ -214,6 +231,7 @@ def train_private(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses: list[float] = []
     tokens = examples_seen = steps = empty = 0
+    trained: set[int] = set()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=False)
     try:
@@ -222,6 +240,7 @@ def train_private(
                 if steps >= config.steps:
                     break
                 batch_examples = [examples[i] for i in indices.tolist()]
+                trained.update(indices.tolist())
                 if batch_examples:
                     pairs = [encode_pair(tokenizer, e.prompt, e.target, config.max_length) for e in batch_examples]
                     batch = collate_pairs(pairs, pad_id)
@@ -261,6 +280,7 @@ def train_private(
         examples_seen=examples_seen,
         tokens_seen=tokens,
         seconds=time.perf_counter() - started,
+        trained_indices=frozenset(trained),
     )
     spent = PrivacySpent(
         epsilon=state.epsilon(),

@@ -13,6 +13,7 @@ from blindtune.privacy.accountant import ACCOUNTANT_FILE
 from blindtune.privacy.config import DPSGDConfig, PrivacyConfig
 from blindtune.privacy.context import client_privacy
 from blindtune.privacy.dp import (
+    DeltaTooLargeError,
     DPUnsupportedError,
     PrivacyBudgetExceededError,
     check_privatizable,
@@ -70,13 +71,27 @@ def test_dp_sgd_trains_and_composes_epsilon_over_rounds(kind, tmp_path):
         assert stats.tokens_seen > 0 and result.steps == 3
     assert [s.total_steps for s in spent] == [3, 6, 9]
     assert spent[0].epsilon < spent[1].epsilon < spent[2].epsilon
-    assert spent[0].delta == pytest.approx(1 / len(EXAMPLES)) and spent[0].sample_rate == pytest.approx(1 / 4)
+    assert spent[0].delta == pytest.approx(min(1e-5, 1 / (10 * len(EXAMPLES))))
+    assert spent[0].sample_rate == pytest.approx(1 / 4)
     assert any(not torch.equal(before[k], v) for k, v in adapted.state().items())
     saved = json.loads((tmp_path / ACCOUNTANT_FILE).read_text())
     assert saved["rounds"] == [1, 2, 3] and saved["history"] == [[1.0, 0.25, 9]]
     # Opacus is gone from the model afterwards: no hooks, no per-example gradients left behind.
     assert not any(hasattr(p, "grad_sample") for p in adapted.model.parameters())
     assert spent[-1].metrics()["dp_epsilon"] == pytest.approx(spent[-1].epsilon)
+
+
+@pytest.mark.parametrize("delta", [1 / len(EXAMPLES), 0.5])
+def test_a_delta_of_one_over_n_or_more_is_refused_before_any_step(delta, tmp_path):
+    loaded, adapted = lora_model()
+    before = {k: v.clone() for k, v in adapted.state().items()}
+    dp = DPSGDConfig(enabled=True, noise_multiplier=1.0, delta=delta)
+    with pytest.raises(DeltaTooLargeError, match=r"privacy.dp.delta .* >= 1/N = 1/24"):
+        train_private(
+            adapted.model, loaded.tokenizer, EXAMPLES, TRAIN, dp, tmp_path, seed=0, round_number=1,
+            planned_rounds=1, progress=False,
+        )  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in adapted.state().items())
 
 
 def test_empty_poisson_batches_still_take_a_noisy_step_and_count(tmp_path):

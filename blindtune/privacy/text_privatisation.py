@@ -1,5 +1,7 @@
 """Token-level text privatisation with the exponential mechanism (EM), its exact budget accounting, an
-adaptive allocation of the budget, and the nearest-neighbour recovery attack on privatised text.
+adaptive allocation of the budget, and two recovery attacks on privatised text: nearest-neighbour
+inversion (the share of tokens left unchanged) and `LikelihoodAttacker`, the mechanism's likelihood
+combined with a language-model prior (the server holds an LLM).
 
 Mechanism. Each private token x is replaced by a token y drawn with
 
@@ -36,7 +38,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -232,6 +234,8 @@ class PrivatisedPrompt:
     original_ids: list[int]  # the private tokens before ...
     privatised_ids: list[int]  # ... and after the mechanism
     epsilons: list[float]  # per private token
+    sequence_ids: list[int] = field(default_factory=list)  # the whole prompt as sent: template + privatised
+    private_positions: list[int] = field(default_factory=list)  # where the private tokens sit in it
 
     @property
     def epsilon(self) -> float:
@@ -272,12 +276,17 @@ def privatise_prompts(
     results = []
     for segments, offset, epsilons in plans:
         parts = []
+        sequence: list[int] = []
+        positions: list[int] = []
         position = offset
         for text, segment_ids in segments:
             if segment_ids is None:
                 parts.append(text)
+                sequence += list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
             else:
                 parts.append(str(tokenizer.decode(sampled[position : position + len(segment_ids)])))
+                positions += range(len(sequence), len(sequence) + len(segment_ids))
+                sequence += sampled[position : position + len(segment_ids)]
                 position += len(segment_ids)
         results.append(
             PrivatisedPrompt(
@@ -285,6 +294,8 @@ def privatise_prompts(
                 original_ids=all_ids[offset:position],
                 privatised_ids=sampled[offset:position],
                 epsilons=epsilons,
+                sequence_ids=sequence,
+                private_positions=positions,
             )
         )
     return results
@@ -294,8 +305,9 @@ def recovery_attack(
     mechanism: ExponentialMechanism, prompts: Sequence[PrivatisedPrompt], top_k: int
 ) -> dict[str, float]:
     """Nearest-neighbour inversion: the attacker, who holds the same embedding table, maps each
-    privatised token to its nearest vocabulary entry (that is the token itself: the mechanism outputs
-    real tokens) and also lists the `top_k` nearest. Fractions of the original private tokens recovered."""
+    privatised token to its nearest vocabulary entry and also lists the `top_k` nearest. The nearest
+    entry is the token itself (the mechanism outputs real tokens), so `recovery_rate` is the share of
+    tokens the mechanism left unchanged; `LikelihoodAttacker` is the real attack."""
     original = torch.tensor([i for p in prompts for i in p.original_ids], dtype=torch.long)
     received = torch.tensor([i for p in prompts for i in p.privatised_ids], dtype=torch.long)
     if original.numel() == 0:
@@ -307,6 +319,118 @@ def recovery_attack(
         "recovery_rate": float(hits[:, 0].float().mean()),
         f"recovery_rate_top{top_k}": float(hits.any(dim=1).float().mean()),
     }
+
+
+HISTOGRAM_BINS = 512  # resolution of each token's utility profile in the attacker's normaliser
+
+
+class LikelihoodAttacker:
+    """Bayesian reconstruction of private tokens from a privatised prompt (what the server can do).
+
+    The attacker knows the mechanism (the embedding table, the candidates, each token's epsilon: a
+    worst case, as the allocation is public but depends on roles it does not see) and holds a language
+    model. For each private position it scores a candidate original x by
+
+        log P_LM(x | context) + log P(y | x) = log P_LM(x | context) + eps * u(x, y) / (2 * SENSITIVITY) - log Z(x, eps)
+
+    (y: the received token; Z(x, eps): the mechanism's normaliser for input x) and takes the argmax
+    over the `candidates` most likely tokens under the prior and the `candidates` nearest to y. The
+    context is the received prompt (template and privatised tokens) in a first pass, the attacker's own
+    reconstruction in the next ones. log Z is computed from a histogram of each x's utilities
+    (HISTOGRAM_BINS bins) over the candidate vocabulary, or, when it is larger than `normaliser_sample`,
+    over a fixed random sample of it scaled to its size, with x's own term (utility 1) exact.
+    """
+
+    def __init__(
+        self,
+        mechanism: ExponentialMechanism,
+        model: torch.nn.Module,
+        candidates: int = 16,
+        passes: int = 2,
+        normaliser_sample: int = 8192,
+    ):
+        self.mechanism, self.model, self.candidates, self.passes = mechanism, model, candidates, passes
+        self._histograms: dict[int, Tensor] = {}
+        edges = torch.linspace(-1.0, 1.0, HISTOGRAM_BINS + 1)
+        self._centres = (edges[:-1] + edges[1:]) / 2
+        pool = torch.nonzero(mechanism.candidate_mask).squeeze(-1)
+        if pool.numel() > normaliser_sample:
+            chosen = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(0))[:normaliser_sample]
+            pool = pool[chosen]
+        self._sample, self._scale = pool, float(mechanism.candidate_mask.sum()) / pool.numel()
+
+    def _log_counts(self, token_ids: list[int]) -> Tensor:
+        missing = [t for t in dict.fromkeys(token_ids) if t not in self._histograms]
+        for start in range(0, len(missing), 256):
+            rows = torch.tensor(missing[start : start + 256], dtype=torch.long)
+            utilities = (self.mechanism.unit[rows] @ self.mechanism.unit[self._sample].T).clamp(-1.0, 1.0)
+            others = (rows[:, None] != self._sample[None, :]).float() * self._scale  # x itself counted once below
+            bins = ((utilities + 1) / 2 * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
+            counts = torch.zeros(len(rows), HISTOGRAM_BINS).scatter_add_(1, bins, others)
+            counts[:, -1] += self.mechanism.candidate_mask[rows].float()
+            for token, row in zip(rows.tolist(), counts.log(), strict=True):
+                self._histograms[token] = row
+        return torch.stack([self._histograms[t] for t in token_ids])
+
+    def log_likelihood(self, candidates: Tensor, received: int, epsilon: float) -> Tensor:
+        """log P(received | x) for each candidate x (the histogram normaliser)."""
+        scale = epsilon / (2 * SENSITIVITY)
+        utility = (self.mechanism.unit[candidates] @ self.mechanism.unit[received]).clamp(-1.0, 1.0)
+        log_z = torch.logsumexp(self._log_counts(candidates.tolist()) + scale * self._centres, dim=1)
+        return scale * utility - log_z
+
+    @torch.no_grad()
+    def reconstruct(self, prompt: PrivatisedPrompt) -> list[int]:
+        """The attacker's guess of each private token of `prompt`."""
+        context = list(prompt.sequence_ids)
+        guesses = list(prompt.privatised_ids)
+        device = next(self.model.parameters()).device
+        candidate_ids = torch.nonzero(self.mechanism.candidate_mask).squeeze(-1)
+        for _ in range(self.passes):
+            logits = self.model(input_ids=torch.tensor([context], device=device)).logits[0].float().cpu()
+            for index, (position, received, epsilon) in enumerate(
+                zip(prompt.private_positions, prompt.privatised_ids, prompt.epsilons, strict=True)
+            ):
+                if not math.isfinite(epsilon):
+                    guesses[index] = received  # sent unchanged
+                    continue
+                prior = torch.full((self.mechanism.vocabulary_size,), -math.log(len(candidate_ids)))
+                if position > 0:
+                    width = min(logits.shape[1], self.mechanism.vocabulary_size)
+                    prior[:width] = logits[position - 1, :width].log_softmax(-1)
+                prior = prior.masked_fill(~self.mechanism.candidate_mask, -math.inf)
+                near = self.mechanism.nearest_neighbours(torch.tensor([received]), self.candidates)[0]
+                likely = prior.topk(self.candidates).indices
+                pool = torch.cat([near, likely]).unique()
+                score = prior[pool] + self.log_likelihood(pool, received, epsilon)
+                guesses[index] = int(pool[score.argmax()])
+            for position, guess in zip(prompt.private_positions, guesses, strict=True):
+                context[position] = guess
+        return guesses
+
+    def attack(self, prompts: Sequence[PrivatisedPrompt]) -> dict[str, float]:
+        """Top-1 recovery rate of the private tokens, next to the share sent unchanged."""
+        hits = unchanged = total = 0
+        for prompt in prompts:
+            if not prompt.private_positions:
+                continue
+            guesses = self.reconstruct(prompt)
+            hits += sum(g == o for g, o in zip(guesses, prompt.original_ids, strict=True))
+            unchanged += sum(p == o for p, o in zip(prompt.privatised_ids, prompt.original_ids, strict=True))
+            total += len(guesses)
+        return {
+            "tokens": total,
+            "lm_recovery_rate": hits / total if total else 0.0,
+            "unchanged_rate": unchanged / total if total else 0.0,
+        }
+
+
+def prompts_to_json(prompts: Sequence[PrivatisedPrompt]) -> list[dict[str, object]]:
+    return [asdict(prompt) for prompt in prompts]
+
+
+def prompts_from_json(rows: Sequence[dict[str, object]]) -> list[PrivatisedPrompt]:
+    return [PrivatisedPrompt(**row) for row in rows]  # type: ignore[arg-type]
 
 
 def vocabulary_candidates(tokenizer: PreTrainedTokenizerBase, embedding_rows: int) -> list[int]:

@@ -7,7 +7,9 @@ from blindtune.models import load_tokenizer
 from blindtune.privacy.text_privatisation import (
     SENSITIVITY,
     ExponentialMechanism,
+    LikelihoodAttacker,
     PrivatisationConfig,
+    PrivatisedPrompt,
     TokenRole,
     allocate_epsilons,
     privatise_prompts,
@@ -134,3 +136,45 @@ def test_privatised_prompts_keep_the_template_and_account_every_token():
     # Same seed, same draw: a client can reproduce what it sent.
     again = privatise_prompts(prompts, tokenizer, mechanism, config, template, seed=0)
     assert [p.text for p in again] == [p.text for p in private]
+
+
+class FixedPrior(torch.nn.Module):
+    """A language model that predicts the next token of one known text with log-odds `strength`."""
+
+    def __init__(self, text: list[int], vocabulary: int, strength: float) -> None:
+        super().__init__()
+        self.text, self.vocabulary, self.strength = text, vocabulary, strength
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids: torch.Tensor):
+        logits = torch.zeros(1, input_ids.shape[1], self.vocabulary)
+        for position in range(input_ids.shape[1] - 1):
+            logits[0, position, self.text[position + 1]] = self.strength
+        return type("Output", (), {"logits": logits})()
+
+
+def test_the_likelihood_attacker_uses_the_mechanism_and_the_language_model_prior():
+    vocabulary, length = 40, 200
+    mechanism = random_mechanism(vocabulary, dim=6, seed=1)
+    attacker = LikelihoodAttacker(mechanism, FixedPrior([], vocabulary, 0.0), candidates=vocabulary)
+    sampled = LikelihoodAttacker(mechanism, attacker.model, normaliser_sample=30)  # 30 of 40 tokens
+    for token, epsilon in ((3, 4.0), (17, 30.0)):  # the histogram normaliser matches the exact distribution
+        exact = mechanism.probabilities(token, epsilon).log()
+        estimated = attacker.log_likelihood(torch.tensor([token]), received=5, epsilon=epsilon)
+        assert float(estimated[0]) == pytest.approx(float(exact[5]), abs=0.05)
+        estimated = sampled.log_likelihood(torch.tensor([token]), received=5, epsilon=epsilon)
+        assert float(estimated[0]) == pytest.approx(float(exact[5]), abs=0.3)
+
+    original = torch.randint(0, vocabulary, (length,), generator=torch.Generator().manual_seed(2)).tolist()
+    epsilons = [6.0] * length
+    received = mechanism.sample(torch.tensor(original), torch.tensor(epsilons), torch.Generator().manual_seed(3))
+    prompt = PrivatisedPrompt("", original, received.tolist(), epsilons, received.tolist(), list(range(length)))
+    for strength, at_least in ((0.0, None), (2.0, 0.0), (30.0, 0.95)):
+        model = FixedPrior(original, vocabulary, strength)
+        result = LikelihoodAttacker(mechanism, model, candidates=8, passes=1).attack([prompt])
+        if at_least is None:  # no prior: the best guess is the received token's most likely origin
+            baseline = result["lm_recovery_rate"]
+            assert result["unchanged_rate"] < 0.5 and result["tokens"] == length
+        else:
+            assert result["lm_recovery_rate"] >= max(at_least, baseline)
+    assert result["lm_recovery_rate"] > result["unchanged_rate"]

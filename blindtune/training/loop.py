@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example
 from blindtune.encoding import collate_pairs, continuation_loss, encode_pair
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -82,6 +85,8 @@ class TrainStats:
     tokens_seen: int
     seconds: float
     auxiliary_mean_loss: float | None = None  # set when an auxiliary task was trained
+    # Indices (into the examples trained on) of those that were in a batch: the membership audit's members.
+    trained_indices: frozenset[int] = frozenset()
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,12 +106,12 @@ class PrivateTrainingRequiredError(RuntimeError):
 private_training_required: ContextVar[str | None] = ContextVar("private_training_required", default=None)
 
 
-def batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> list[list[Example]]:
+def batches(examples: Sequence[Item], batch_size: int, steps: int, seed: int) -> list[list[Item]]:
     """`steps` batches drawn by cycling through seeded shuffles (epochs) of `examples`."""
     if not examples:
         raise ValueError("cannot train on an empty example list")
     rng = random.Random(seed)
-    order: list[Example] = []
+    order: list[Item] = []
     needed = steps * batch_size
     while len(order) < needed:
         epoch = list(examples)
@@ -142,7 +147,8 @@ def train(
     tokens = 0
     started = time.perf_counter()
     torch.manual_seed(seed)
-    main_batches = batches(examples, config.batch_size, config.steps, seed)
+    index_batches = batches(range(len(examples)), config.batch_size, config.steps, seed)
+    main_batches = [[examples[i] for i in chunk] for chunk in index_batches]
     auxiliary_batches = (
         batches(auxiliary.examples, config.batch_size, config.steps, seed + 1) if auxiliary else [[]] * config.steps
     )
@@ -185,6 +191,7 @@ def train(
         tokens_seen=tokens,
         seconds=time.perf_counter() - started,
         auxiliary_mean_loss=sum(auxiliary_losses) / len(auxiliary_losses) if auxiliary_losses else None,
+        trained_indices=frozenset(i for chunk in index_batches for i in chunk),
     )
 
 

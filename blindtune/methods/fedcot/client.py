@@ -6,7 +6,14 @@
 2. Training plan (`query.setup` without an SLM): store the server's rationales (one per privatised
    prompt) and the objective to train (labels and rationales, or labels only).
 3. Each round (`train`): LoRA on the SLM from the global state, L = L_label + lambda * L_rationale on
-   the client's own raw prompts; reply with the LoRA state. Nothing but privatised text ever leaves.
+   the client's own raw prompts; reply with the LoRA state.
+
+What leaves a client: its privatised prompts (once; template lines unchanged, they are public) and
+its LoRA state every round. That LoRA is trained on the raw prompts and labels: without DP it crosses
+unprotected, and no epsilon covers it (the run's record-level epsilon is then infinite). With
+`privacy.dp` the client trains it by DP-SGD (`train_private`) with one row per record (the label, and
+the record's rationale after it, so a record is one clipped gradient), and the run's per-record
+epsilon is the prompt's text epsilon plus the DP-SGD epsilon (basic composition).
 """
 
 from __future__ import annotations
@@ -19,17 +26,21 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from blindtune.data import Example
 from blindtune.encoding import as_causal_lm
-from blindtune.federation.adapter_rounds import PROXIMAL_MU, ROUND, SEED, store_artefact
+from blindtune.federation.adapter_rounds import PROXIMAL_MU, ROUND, SEED, record_trained, store_artefact
 from blindtune.federation.records import MessageKind, RecordKey, arrays, number, tensors_to_record
 from blindtune.federation.strategies import configured_strategy
 from blindtune.methods.base import ClientRun
 from blindtune.methods.fedcot.config import FedCoTConfig, RationaleSource
-from blindtune.methods.fedcot.rationales import label_example, oracle_rationale, rationale_examples
+from blindtune.methods.fedcot.rationales import agrees_with_gold, label_example, oracle_rationale, rationale_examples
+from blindtune.models.adapters import AdaptedModel
 from blindtune.models.artefact import load_artefact
 from blindtune.models.surgery import num_decoder_layers
+from blindtune.privacy.context import ClientPrivacy, active_client_privacy
+from blindtune.privacy.dp import train_private
 from blindtune.privacy.text_privatisation import (
     ExponentialMechanism,
     privatise_prompts,
@@ -37,7 +48,7 @@ from blindtune.privacy.text_privatisation import (
     template_lines,
     vocabulary_candidates,
 )
-from blindtune.training import train
+from blindtune.training import TrainConfig, train
 from blindtune.training.loop import AuxiliaryTask
 
 TEXTS = "texts"  # the list of strings in a PRIVATISED_PROMPTS / RATIONALES record
@@ -172,6 +183,9 @@ def train_slm(content: RecordDict, run: ClientRun) -> RecordDict:
         proximal_mu=number(content, RecordKey.INSTRUCTIONS, PROXIMAL_MU),
     )
     labels = [label_example(example, method, slm.tokenizer.eos_token or "") for example in run.examples]
+    privacy = active_client_privacy()
+    if privacy is not None and privacy.config.dp.enabled:
+        return _train_slm_private(run, plan, adapted, slm.tokenizer, labels, train_config, privacy, seed, round_number)
     auxiliary = None
     if plan[OBJECTIVE] == LABEL_AND_RATIONALE and method.rationale_weight > 0:
         rationales = _rationale_examples(run, plan["rationales"])  # type: ignore[arg-type]
@@ -196,4 +210,57 @@ def train_slm(content: RecordDict, run: ClientRun) -> RecordDict:
     }
     if stats.auxiliary_mean_loss is not None:
         metrics["rationale_loss"] = stats.auxiliary_mean_loss
+    record_trained(run.workdir, stats.trained_indices)
+    return RecordDict({RecordKey.ADAPTER: tensors_to_record(adapted.state()), RecordKey.METRICS: MetricRecord(metrics)})
+
+
+def private_rows(run: ClientRun, plan: dict[str, object], labels: list[Example]) -> list[Example]:
+    """One training row per record for DP-SGD: the label, followed by the record's rationale where it
+    has a usable one (so a record's influence is one clipped per-example gradient)."""
+    method: FedCoTConfig = run.config.method_config
+    if plan[OBJECTIVE] != LABEL_AND_RATIONALE or method.rationale_weight == 0:
+        return labels
+    examples = privatised_examples(run)
+    rationales = plan["rationales"]
+    if method.rationale_source is RationaleSource.ORACLE:
+        rationales = [oracle_rationale(example) for example in examples]
+    assert isinstance(rationales, list)
+    rows = list(labels)
+    for index, (example, rationale) in enumerate(zip(examples, rationales, strict=True)):
+        if rationale and (not method.filter_rationales or agrees_with_gold(rationale, example)):
+            rows[index] = dataclasses.replace(labels[index], target=f"{labels[index].target}\n{rationale}")
+    return rows
+
+
+def _train_slm_private(
+    run: ClientRun,
+    plan: dict[str, object],
+    adapted: AdaptedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: list[Example],
+    train_config: TrainConfig,
+    privacy: ClientPrivacy,
+    seed: int,
+    round_number: int,
+) -> RecordDict:
+    stats, spent = train_private(
+        adapted.model,
+        tokenizer,
+        private_rows(run, plan, labels),
+        train_config,
+        privacy.config.dp,
+        run.workdir,
+        seed=seed * 1_000_003 + round_number * 1009 + run.partition_id,
+        round_number=round_number,
+        planned_rounds=privacy.planned_rounds,
+        progress=False,
+        desc=f"client {run.partition_id} round {round_number} (DP)",
+    )
+    record_trained(run.workdir, stats.trained_indices)
+    # No loss or counts of the private batches: only what went through the mechanism, and the budget.
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        "num_examples": len(labels),
+        "train_seconds": stats.seconds,
+        **spent.metrics(),
+    }
     return RecordDict({RecordKey.ADAPTER: tensors_to_record(adapted.state()), RecordKey.METRICS: MetricRecord(metrics)})

@@ -22,9 +22,16 @@ from blindtune.methods.fedcot.rationales import (
     rationale_answer,
     rationale_examples,
 )
-from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, hand_out_content, privacy_summary, run_server
+from blindtune.methods.fedcot.server import (
+    PRIVATISED_RECORDS,
+    hand_out_content,
+    privacy_summary,
+    record_privacy,
+    run_server,
+)
 from blindtune.models import tiny_model
 from blindtune.models.loading import LoadedModel
+from blindtune.runner import run_experiment
 from blindtune.training import TrainConfig, train
 from blindtune.training.loop import AuxiliaryTask
 
@@ -156,3 +163,28 @@ def test_membership_inference_audit_is_refused(tiny_model_dir, tmp_path):
     config = tiny_run_config("fedcot", tiny_model_dir, {"privacy": {"audit": {"membership_inference": True}}})
     with pytest.raises(ValueError, match="membership_inference"):
         run_server(ServerRun(config, None, tmp_path))  # type: ignore[arg-type]  # refused before any message
+
+
+def test_the_headline_epsilon_is_the_record_level_composition_of_every_channel(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
+    fedcot = {"prompts_per_client": 6, "max_new_tokens": 6, "privatisation": {"attack_top_k": 3}}
+    overrides = {
+        "fedcot": {**fedcot, "label_only_baseline": False},
+        "baselines": {"centralized": False, "local_only": False},
+        "privacy": {"dp": {"enabled": True, "noise_multiplier": 1.0}},
+    }
+    results = run_experiment(tiny_run_config("fedcot", tiny_model_dir, overrides), tmp_path / "dp", progress=False)
+    privacy = results["privacy"]
+    parts = privacy["epsilon_per_record_parts"]
+    assert parts["privatised_prompt"] == privacy["epsilon_per_prompt"] > privacy["epsilon_per_token"]
+    assert parts["lora_adapter"] == pytest.approx(privacy["dp"]["epsilon"]) and privacy["dp"]["epsilon"] > 0
+    assert privacy["epsilon_per_record"] == pytest.approx(privacy["epsilon_per_prompt"] + privacy["dp"]["epsilon"])
+    assert privacy["ledger"]["passed"]  # no exact loss or counts left the DP clients
+    assert not any("train_loss" in row for row in results["clients"])
+
+    # Without DP the LoRA states cross unprotected: no finite per-record epsilon, whatever the text's.
+    plain = record_privacy(privacy["epsilon_per_prompt"], [{"train_loss": 1.0}], dp_enabled=False)
+    assert plain["epsilon_per_record"] is None and plain["epsilon_per_record_parts"]["lora_adapter"] is None
+    with pytest.raises(ValueError, match="label_only_baseline"):
+        overrides["fedcot"] = fedcot
+        run_experiment(tiny_run_config("fedcot", tiny_model_dir, overrides), tmp_path / "refused", progress=False)

@@ -9,8 +9,12 @@
    server ever receives (the ledger check reads every reply and names that record).
 3. Rationale service: the LLM explains each privatised prompt (batched greedy generation, a prompt
    template per task); each client gets its own rationales back (`query.setup`, per client).
-4. Rounds: clients train LoRA on their SLM with L = L_label + lambda * L_rationale; the server
+4. Rounds: clients train LoRA on their SLM with L = L_label + lambda * L_rationale and send their LoRA
+   state (trained on their raw prompts: unprotected without `privacy.dp`, DP-SGD with it); the server
    FedAvg's the LoRA states and evaluates the SLM with the global LoRA on the label prompts.
+Privacy (results.json `privacy`): `epsilon_per_record` is the headline, the per-record (per-prompt)
+epsilon with every channel counted: the prompt's privatisation plus the LoRA channel (infinite
+without DP). `epsilon_per_prompt` is the text channel alone, `epsilon_per_token` a detail.
 5. Reference pass (`label_only_baseline`): the same rounds with lambda = 0 (labels only), on a
    separate ledger so the run's cost is FedCoT's alone.
 
@@ -131,7 +135,8 @@ def privacy_summary(method: FedCoTConfig, replies: dict[int, RecordDict]) -> dic
     prompt_sum = [m["epsilon_per_prompt_sum"] for m in metrics]
     return {
         "mechanism": "exponential mechanism over the SLM vocabulary, cosine utility of input embeddings, "
-        "sensitivity 2; basic composition per prompt (null epsilon: infinite, no privatisation)",
+        "sensitivity 2; basic composition per prompt (null epsilon: infinite, no privatisation); template "
+        "lines (shared by many of a client's prompts) and short field labels are public and sent unchanged",
         "adaptive": config.adaptive,
         "epsilon_configured_per_token": config.epsilon if math.isfinite(config.epsilon) else None,
         "epsilon_per_token": largest("epsilon_per_token_max"),
@@ -142,6 +147,27 @@ def privacy_summary(method: FedCoTConfig, replies: dict[int, RecordDict]) -> dic
         "recovery_rate": sum(m["recovery_rate"] * m["private_tokens"] for m in metrics) / max(tokens, 1),
         top_k: sum(m[top_k] * m["private_tokens"] for m in metrics) / max(tokens, 1),
         "attack": "nearest-neighbour inversion in the SLM's input-embedding space (the attacker holds it too)",
+    }
+
+
+def record_privacy(text_epsilon: float | None, clients: list[dict[str, Any]], dp_enabled: bool) -> dict[str, Any]:
+    """The per-record (per-prompt) guarantee, every channel counted: a record's privatised prompt
+    (`text_epsilon`, the largest over prompts; None: infinite) plus the LoRA states trained on it (the
+    clients' DP-SGD epsilon; infinite without DP), by basic composition."""
+    if dp_enabled:
+        spent = [float(row["dp_epsilon"]) for row in clients if "dp_epsilon" in row]
+        adapter = None if not spent or INFINITE in spent else max(spent)
+        deltas = [float(row["dp_delta"]) for row in clients if "dp_delta" in row]
+        channel = "LoRA state trained by DP-SGD (per-record accounting, one row per record)"
+    else:
+        adapter, deltas = None, []
+        channel = "LoRA state sent every round without DP: no epsilon covers it"
+    total = None if text_epsilon is None or adapter is None else text_epsilon + adapter
+    return {
+        "epsilon_per_record": total,  # the headline; null: infinite
+        "delta_per_record": max(deltas, default=0.0),
+        "epsilon_per_record_parts": {"privatised_prompt": text_epsilon, "lora_adapter": adapter},
+        "adapter_channel": channel,
     }
 
 
@@ -163,6 +189,11 @@ def federate_slm(
 def run_server(run: ServerRun) -> ServerResult:
     config = run.config
     method: FedCoTConfig = config.method_config
+    if config.privacy.dp.enabled and method.label_only_baseline:
+        raise ValueError(
+            "fedcot: label_only_baseline is not supported under DP-SGD (a second training pass on the same "
+            "records would spend more budget): set fedcot.label_only_baseline: false"
+        )
     if config.privacy.audit.membership_inference:
         # That audit plugs the final adapter into the LLM; FedCoT's LoRA belongs to the SLM's layers.
         raise ValueError("fedcot: privacy.audit.membership_inference does not apply (the adapter is the SLM's)")
@@ -213,6 +244,8 @@ def run_server(run: ServerRun) -> ServerResult:
 
     outcome = federate_slm(run.exchange, run, slm.model, initial, evaluate_plugin, "checkpoints")
     metrics["plugin"] = outcome.history[-1]["plugin"]
+    privacy = privacy or {"epsilon_per_prompt": 0.0, "note": "oracle rationales: no text sent"}
+    privacy.update(record_privacy(privacy["epsilon_per_prompt"], outcome.clients, config.privacy.dp.enabled))
     if method.label_only_baseline:
         # A reference measurement: its own ledger, so results.json's cost is FedCoT's alone.
         reference = Exchange(run.exchange.grid, timeout_seconds=run.exchange.timeout_seconds)

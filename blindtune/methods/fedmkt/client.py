@@ -1,5 +1,6 @@
 """FedMKT, client side: the client's small model (SLM) learns from its private data and from the LLM's
-distributions on the public set, and shares only its own distributions on that public set.
+distributions on the public set, and shares its own distributions on that public set (with
+`slm_fedavg`, also its SLM weights, unprotected).
 
 Messages (all through the method's `client`):
 - setup, first: the public set arrives (as text); a client that builds its own SLM (WordPiece) builds
@@ -253,6 +254,7 @@ def _distil_round(content: RecordDict, run: ClientRun, method: FedMKTConfig, kin
         PARTITION: run.partition_id,
         "distil_loss": stats.mean_loss,
         "distil_seconds": stats.seconds,
+        "public_examples_seen": method.client_distill_steps * run.config.train.batch_size,
         "teacher_sequences": float(weights.sum()),
         "public_sequences": len(public),
     }

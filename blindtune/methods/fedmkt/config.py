@@ -24,6 +24,10 @@ class Selection(enum.StrEnum):
     SOFTMAX = "softmax"  # clients that beat the LLM, weighted by softmax(-loss / selection_temperature)
 
 
+VALIDATION_INPUTS = "validation-inputs"  # public set: the task's validation prompts, answers removed
+VALIDATION_LABELLED = "validation-labelled"  # opt-in public set: validation prompts with their answers
+
+
 @dataclass
 class FedMKTConfig:
     """FedMKT's settings. Client i's SLM is `client_slms[i mod len]`.
@@ -38,9 +42,13 @@ class FedMKTConfig:
     compression_text: the server's public text for that compression (a `public_texts` source).
     wordpiece_layers / wordpiece_hidden_size: size of the client-built WordPiece SLM.
     llm_adapter: the server's LoRA on the LLM (all layers). slm_adapter: the clients' LoRA on compressed SLMs.
-    public_set: `validation` (the task's validation split: prompts with reference answers, held by the
-        server, never a client's data) or a `blindtune.models.distill.public_texts` source (plain texts:
-        the first word is the prompt, the rest the reference continuation). Sent to clients as text.
+    public_set: what the server distils on; carries no task labels unless named so. A
+        `blindtune.models.distill.public_texts` source (default `wordnet:adj,adv`: out-of-task WordNet
+        adjective/adverb glosses), `validation-inputs` (the task's validation prompts without their
+        answers), both as plain texts (the first word is the prompt, the rest the continuation), or the
+        opt-in `validation-labelled` (validation prompts with their reference answers: the server then
+        trains on task labels, and `metrics.llm_public_only` shows how far those alone take the LLM).
+        Sent to clients as text.
     public_limit: public sequences used (the first n).
     max_length: tokens per public sequence (prompt cut from the left, as in training; an answer too long
         to leave half of it to the prompt is cut).
@@ -51,8 +59,9 @@ class FedMKTConfig:
     client_distill_steps / client_learning_rate: each client's distillation per round (its private
         training uses the run's `train` section).
     wordpiece_learning_rate: learning rate of the WordPiece SLM (all its weights train, from scratch).
-    slm_fedavg: also average the SLM weights (LoRA, or full weights of WordPiece SLMs) of clients
-        with the same architecture each round.
+    slm_fedavg: also average the SLM weights of clients with the same architecture each round: the
+        clients then send their SLM weights (LoRA, or every weight of a WordPiece SLM, trained on their
+        private data, unprotected) to the server, not only distributions on the public set.
     cache_alignment: keep MinED vocabulary maps in the user cache directory.
     """
 
@@ -65,7 +74,7 @@ class FedMKTConfig:
     wordpiece_hidden_size: int = 128
     llm_adapter: AdapterConfig = field(default_factory=AdapterConfig)
     slm_adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    public_set: str = "validation"
+    public_set: str = "wordnet:adj,adv"
     public_limit: int = 200
     max_length: int = 128
     top_k: int = 128
@@ -91,6 +100,11 @@ class FedMKTConfig:
             raise ValueError("top_k must be >= 1 and temperatures > 0")
         if not 0 <= self.kd_alpha <= 1:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if self.public_set == "validation":
+            raise ValueError(
+                "fedmkt.public_set: `validation` is ambiguous; use `validation-inputs` (no answers) or the "
+                "labelled opt-in `validation-labelled`"
+            )
         if self.public_limit < 1 or self.max_length < 4:
             raise ValueError("public_limit must be >= 1 and max_length >= 4")
         if min(self.server_steps, self.client_distill_steps) < 0 or self.server_batch_size < 1:

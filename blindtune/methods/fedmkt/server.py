@@ -10,9 +10,13 @@ distributions on a public set; each side trains only its own weights (the LLM: L
    set; (c) the server aligns them to the LLM's tokenisation and vocabulary, picks per sequence the
    clients whose loss beats the LLM's (`teacher_weights`), and distils into the LLM's LoRA with
    (1 - kd_alpha) * LM + kd_alpha * KD; (d) it sends its own distributions, aligned to each client's
-   tokenisation, and the clients distil where the LLM beats them. Optionally the SLM weights of
-   clients with the same architecture are averaged (FedAvg).
-Neither model's weights (beyond the SLM the server chooses to hand out) nor client data cross a boundary.
+   tokenisation, and the clients distil where the LLM beats them. With `slm_fedavg` the clients also
+   send their SLM weights (LoRA, or a WordPiece SLM's every weight), trained on their private data and
+   unprotected, and the server averages those of clients with the same architecture (FedAvg).
+3. Baseline: the LLM trained by the same server schedule on the public set alone (`llm_public_only`);
+   the federation's contribution is `plugin - llm_public_only` (`federation_gain`).
+Without `slm_fedavg`, no client weights and no client data cross: only distributions on the public set.
+The LLM's weights never leave the server (beyond the SLM it chooses to hand out).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from blindtune.federation.records import MessageKind, RecordKey, arrays, number,
 from blindtune.federation.rounds import TooFewClientsError
 from blindtune.methods.base import ServerResult, ServerRun
 from blindtune.methods.fedmkt.client import DISTIL, EVALUATE, LOCAL, NEEDS_SLM, PARTITION, PHASE, ROUND, SEED
-from blindtune.methods.fedmkt.config import FedMKTConfig
+from blindtune.methods.fedmkt.config import VALIDATION_INPUTS, VALIDATION_LABELLED, FedMKTConfig
 from blindtune.methods.fedmkt.knowledge import (
     Encoded,
     Knowledge,
@@ -66,14 +70,19 @@ log = logging.getLogger(__name__)
 
 
 def public_examples(config: RunConfig) -> list[Example]:
-    """The server's public set: (prompt, reference continuation) pairs."""
+    """The server's public set: (prompt, continuation) pairs. Only `validation-labelled` (an explicit
+    opt-in) puts task answers in it; every other source is plain text split after its first word."""
     method: FedMKTConfig = config.method_config
-    if method.public_set == "validation":
+    if method.public_set == VALIDATION_LABELLED:
         examples = config.load_task().validation
     else:
+        if method.public_set == VALIDATION_INPUTS:
+            texts = [example.prompt for example in config.load_task().validation]
+        else:
+            texts = public_texts(method.public_set, config.task, config.seed).train
         examples = []
-        for text in public_texts(method.public_set, config.task, config.seed).train:
-            first, _, rest = text.partition(" ")
+        for text in texts:
+            first, _, rest = text.strip().partition(" ")
             if first and rest.strip():
                 examples.append(Example(prompt=first, target=" " + rest.strip()))
     if not examples:
@@ -264,6 +273,7 @@ def run_server(run: ServerRun) -> ServerResult:
             "server_distil_loss": server_stats.mean_loss,
             "llm_public_loss": float(own.losses.mean()),
             "sequences_taught_by_clients": float((weights.sum(axis=0) > 0).mean()),
+            "server_public_examples_seen": method.server_steps * method.server_batch_size,
             "aligned_positions": float(np.mean(list(aligned_share.values()))),
             "bytes_to_clients": bytes_this_round[Direction.TO_CLIENTS],
             "bytes_to_server": bytes_this_round[Direction.TO_SERVER],
@@ -277,6 +287,8 @@ def run_server(run: ServerRun) -> ServerResult:
         save_checkpoint(run.out_dir / "checkpoints", round_number, adapted.state(), meta)
 
     metrics["plugin"] = history[-1]["plugin"]
+    metrics["llm_public_only"] = llm_public_only(config, llm_encoded, pad_id, evaluate)
+    metrics["federation_gain"] = metrics["plugin"] - metrics["llm_public_only"]
     if slm_accuracy:
         metrics["slm_after"] = float(np.mean(list(slm_accuracy.values())))
     by_partition = {view.partition_id: view for view in views.values()}
@@ -300,6 +312,29 @@ def run_server(run: ServerRun) -> ServerResult:
         "public_set": {"source": method.public_set, "sequences": len(public)},
     }
     return ServerResult(metrics, history, clients, details=details)
+
+
+def llm_public_only(config: RunConfig, encoded: Encoded, pad_id: int, evaluate: Any) -> float:
+    """Accuracy of the LLM trained by the server's own schedule (same LoRA, steps, seeds) on the same
+    public set with no client knowledge: what the federation's contribution is measured against."""
+    method: FedMKTConfig = config.method_config
+    fresh = load_model(config.model)
+    adapted = attach_adapter(
+        fresh.model, {i: i for i in range(num_decoder_layers(fresh.model))}, method.llm_adapter, seed=config.seed
+    )
+    for round_number in range(1, config.federation.rounds + 1):
+        distil(
+            adapted.model,
+            encoded,
+            [None] * len(encoded),
+            pad_id,
+            steps=method.server_steps,
+            batch_size=method.server_batch_size,
+            learning_rate=method.server_learning_rate,
+            kd_alpha=method.kd_alpha,
+            seed=config.seed * 1_000_003 + round_number,
+        )
+    return float(evaluate(adapted.model, fresh.tokenizer, "LLM on the public set alone"))
 
 
 def average_slms(
