@@ -89,7 +89,7 @@ def write_report(runs: Sequence[dict[str, Any]], out_dir: Path, title: str = "bl
     lines += [f"![{plot.stem.replace('_', ' ')}]({plot.name})" for plot in plots]
     for label, run in zip(labels, runs, strict=True):
         if run.get("history"):
-            lines += ["", f"## Rounds: {label}", "", *rows_table(run["history"])]
+            lines += ["", f"## Rounds: {label}", "", *rows_table(run["history"], scores_nll(run))]
     for label, run in zip(labels, runs, strict=True):
         if run.get("clients"):
             lines += ["", f"## Clients: {label}", "", *rows_table(run["clients"])]
@@ -104,7 +104,7 @@ def rich_table(run: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in metric_keys([run]):
-        table.add_row(METRIC_TITLES.get(key, key), format_metric(key, run["metrics"].get(key)))
+        table.add_row(METRIC_TITLES.get(key, key), format_metric(key, run["metrics"].get(key), scores_nll(run)))
     cost = run["cost"]
     table.add_row("bytes to clients", format_bytes(cost.get("bytes_to_clients")))
     table.add_row("bytes to server", format_bytes(cost.get("bytes_to_server")))
@@ -133,7 +133,7 @@ def summary_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     header += ["bytes to clients", "bytes to server", "wall time"]
     rows = [
         [str(run["method"]), str(run["task"]), str(run["model"]), str(run["num_clients"]), str(run["rounds"])]
-        + [format_metric(key, run["metrics"].get(key)) for key in metrics]
+        + [format_metric(key, run["metrics"].get(key), scores_nll(run)) for key in metrics]
         + [
             format_bytes(run["cost"].get("bytes_to_clients")),
             format_bytes(run["cost"].get("bytes_to_server")),
@@ -144,10 +144,10 @@ def summary_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     return markdown_table(header, rows)
 
 
-def rows_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+def rows_table(rows: Sequence[dict[str, Any]], nll: bool = False) -> list[str]:
     """A table of history or client rows: one column per key that any row has, in order of appearance."""
     keys = list({key: None for row in rows for key in row})
-    return markdown_table(keys, [[format_field(key, row.get(key)) for key in keys] for row in rows])
+    return markdown_table(keys, [[format_field(key, row.get(key), nll) for key in keys] for row in rows])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -157,10 +157,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return [line(header), line(["---"] * len(header)), *(line(row) for row in rows)]
 
 
-def format_metric(key: str, value: float | None) -> str:
-    """Metrics are accuracies (shown as %) unless their name or value says otherwise (a loss, perplexity)."""
+def scores_nll(run: dict[str, Any]) -> bool:
+    """Whether a run's model rows are the test responses' mean token NLL (instruction data), not accuracies."""
+    return run.get("metric") == "response_nll"
+
+
+def format_metric(key: str, value: float | None, nll: bool = False) -> str:
+    """Metrics are accuracies (shown as %) unless their name or value says otherwise (a loss, perplexity);
+    with `nll` the model rows are mean token negative log-likelihoods (nats, lower is better)."""
     if value is None:
         return MISSING
+    if nll and (key in ACCURACY_KEYS or key.endswith("_gain")):
+        return f"{value:+.3f} nats/token" if key.endswith("_gain") else f"{value:.3f} nats/token"
     if key.endswith("_gain"):  # a difference of two accuracies
         return f"{100 * value:+.1f} points"
     if key in ACCURACY_KEYS or (0 <= value <= 1 and not any(word in key for word in NOT_ACCURACY_WORDS)):
@@ -168,8 +176,10 @@ def format_metric(key: str, value: float | None) -> str:
     return format_number(value)
 
 
-def format_field(key: str, value: Any) -> str:
-    """Format a history/client field by what its key says it holds."""
+def format_field(key: str, value: Any, nll: bool = False) -> str:
+    """Format a history/client field by what its key says it holds (`nll`: model rows are NLLs)."""
+    if nll and key in ACCURACY_KEYS:
+        return format_metric(key, value, nll)
     if key in ACCURACY_KEYS or "acc" in key:
         return format_accuracy(value)
     if key.startswith("bytes"):

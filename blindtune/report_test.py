@@ -169,3 +169,6 @@ def test_the_federation_gain_reads_as_points_beside_the_public_only_llm():
 
     assert format_metric("federation_gain", -0.035) == "-3.5 points"
     assert format_metric("llm_public_only", 0.405) == "40.5%"
+    # an instruction run's rows are response NLLs, not accuracies
+    assert format_metric("plugin", 1.393, nll=True) == "1.393 nats/token"
+    assert format_metric("plugin", 0.95, nll=True) == "0.950 nats/token"
