@@ -652,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=None, help="default: the budget's tasks")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--model", default=None, help="another model for the utility runs (default: the config's)")
-    parser.add_argument("--device", default=None, help="throughput device (default: cuda when present, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu or cuda for every part (default: cuda when present)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -703,9 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for part in ("throughput", "scale", "utility", "full_model_bytes"):
         if part in previous:
             suite[part] = previous[part]
-    if device.type == "cuda":
-        suite["notes"].append("utility runs use the CPU: blindtune's loaders do not yet place models on a GPU")
-    overrides = {"model": args.model} if args.model else None
+    # The utility runs compute where the throughput part does (config `device`).
+    overrides: dict[str, Any] = {"device": device.type} | ({"model": args.model} if args.model else {})
 
     def save() -> None:
         timings = suite["part_timings"]
