@@ -30,14 +30,16 @@ class RoundProgress:
         self.last_round = last_round
         self.started = time.monotonic()
 
-    def line(self, round_number: int, clients_done: int, clients_total: int, loss: float) -> str:
+    def line(self, round_number: int, clients_done: int, clients_total: int, loss: float | None) -> str:
         elapsed = time.monotonic() - self.started
         rounds_done = round_number - self.first_round + 1
         eta = elapsed / rounds_done * (self.last_round - round_number)
         return (
-            f"round {round_number}/{self.last_round}: {clients_done}/{clients_total} clients, loss {loss:.4f}, "
+            f"round {round_number}/{self.last_round}: {clients_done}/{clients_total} clients, "
+            # Under DP-SGD clients send no exact loss (it is a per-client value the accountant does not cover).
+            f"{'loss not sent (DP)' if loss is None else f'loss {loss:.4f}'}, "
             f"elapsed {duration(elapsed)}, ETA {duration(eta)}"
         )
 
-    def round_done(self, round_number: int, clients_done: int, clients_total: int, loss: float) -> None:
+    def round_done(self, round_number: int, clients_done: int, clients_total: int, loss: float | None) -> None:
         log.info("%s", self.line(round_number, clients_done, clients_total, loss))
