@@ -3,32 +3,15 @@ import math
 
 import pytest
 
+from blindtune.conftest import emulator_pair
 from blindtune.data import Example
 from blindtune.eval.leakage import adapter_gradient_cosine, cpl, perplexities
-from blindtune.models import tiny_model
 from blindtune.models.adapters import AdapterConfig, AdapterKind, untrained_adapter_state
-from blindtune.models.distill import EmulatorPair, public_texts
-from blindtune.models.surgery import build_emulator, plan_layers
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(num_layers=6, hidden_size=32)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return public_texts("wordnet:adv", task="wordnet-supersense")
-
-
-def _pair(llm, keep_every):
-    plan = plan_layers(6, 1, keep_every)
-    return EmulatorPair(llm, build_emulator(llm, plan), plan)
 
 
 def test_measurements_on_an_identical_emulator(tiny, texts):
     llm = tiny.model
-    pair = _pair(llm, keep_every=1)
+    pair = emulator_pair(llm, keep_every=1)
     ppl = perplexities(llm, pair.emulator, tiny.tokenizer, texts.heldout[:10], max_length=32)
     assert ppl["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
     assert cpl(0.3, 0.6) == pytest.approx(50.0) and math.isnan(cpl(0.3, 0.0))

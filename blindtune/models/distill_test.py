@@ -3,11 +3,10 @@ import copy
 import pytest
 import torch
 
-from blindtune.models import tiny_model
+from blindtune.conftest import emulator_pair
 from blindtune.models.distill import (
     HELDOUT_TEXTS,
     DistillConfig,
-    EmulatorPair,
     ProxyPrompts,
     TextBatches,
     _distill_loss,
@@ -15,22 +14,6 @@ from blindtune.models.distill import (
     hidden_distance,
     public_texts,
 )
-from blindtune.models.surgery import build_emulator, plan_layers
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(num_layers=6, hidden_size=32)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return public_texts("wordnet:adv", task="wordnet-supersense")
-
-
-def _pair(llm, keep_every):
-    plan = plan_layers(6, 1, keep_every)
-    return EmulatorPair(llm, build_emulator(llm, plan), plan)
 
 
 def test_public_text_is_split_and_never_the_clients_task(texts):
@@ -43,7 +26,7 @@ def test_public_text_is_split_and_never_the_clients_task(texts):
 
 
 def test_hidden_state_losses_are_zero_for_an_emulator_identical_to_the_llm(tiny, texts):
-    pair = _pair(tiny.model, keep_every=1)  # the middle block is kept whole: emulator == LLM
+    pair = emulator_pair(tiny.model, keep_every=1)  # the middle block is kept whole: emulator == LLM
     config = DistillConfig(ppd_weight=10.0, proxy=ProxyPrompts(length=3, std=20.0, token_fraction=0.5))
     ids, mask = TextBatches(tiny.tokenizer, texts.train[:64], 32, seed=0).next(8)
     _, parts = _distill_loss(pair, ids, mask, config, torch.Generator().manual_seed(0))  # (also back-propagates)
@@ -55,7 +38,7 @@ def test_hidden_state_losses_are_zero_for_an_emulator_identical_to_the_llm(tiny,
 
 
 def test_distillation_brings_the_middle_block_closer_to_the_llm(tiny, texts):
-    pair = _pair(copy.deepcopy(tiny.model), keep_every=2)
+    pair = emulator_pair(copy.deepcopy(tiny.model), keep_every=2)
     config = DistillConfig(steps=20, batch_size=4, max_length=16, learning_rate=3e-3, ppd_weight=10.0)
     history = distill_emulator(pair, tiny.tokenizer, texts.train[:400], config, progress=False)
     first, last = history[:4], history[-4:]

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from blindtune.conftest import emulator_pair
 from blindtune.eval.leakage import perplexities
 from blindtune.methods.lleot.elevation import (
     Elevation,
@@ -20,28 +21,11 @@ from blindtune.methods.lleot.elevation import (
 from blindtune.models import tiny_model
 from blindtune.models.distill import (
     DistillConfig,
-    EmulatorPair,
     ProxyPrompts,
     TextBatches,
     prepare_emulator,
-    public_texts,
 )
 from blindtune.models.surgery import build_emulator, plan_layers
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(num_layers=6, hidden_size=32)
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return public_texts("wordnet:adv", task="wordnet-supersense")
-
-
-def _pair(llm, keep_every):
-    plan = plan_layers(6, 1, keep_every)
-    return EmulatorPair(llm, build_emulator(llm, plan), plan)
 
 
 def test_elevation_drives_the_measured_margin_toward_h(texts):
@@ -49,7 +33,7 @@ def test_elevation_drives_the_measured_margin_toward_h(texts):
     # can get, so H is small here; on SmolLM2-135M the default H = 4 is reached (see the LLEOT docs).
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
-    pair = _pair(llm, keep_every=2)
+    pair = emulator_pair(llm, keep_every=2)
     margin = 0.3
     before = perplexities(llm, pair.emulator, wider.tokenizer, texts.heldout[:40], max_length=16)
     config = ElevationConfig(margin=margin, steps=40, batch_size=4, max_length=16, learning_rate=5e-2)
@@ -79,7 +63,7 @@ def test_margin_jitter_scores_are_standardised_on_public_text_and_secret(tiny, t
 
 
 def test_elevation_targets_the_mean_margin_of_each_text_tokens(tiny, texts):
-    pair = _pair(tiny.model, keep_every=1)  # emulator == LLM: every measured margin is 0
+    pair = emulator_pair(tiny.model, keep_every=1)  # emulator == LLM: every measured margin is 0
     config = ElevationConfig(margin=4.0, adapter_weight_noise=0.0, proxy=ProxyPrompts(length=0))
     teacher = elevated_teacher(tiny.model, tiny.tokenizer, texts.train[:300], replace(config, margin_jitter=1.5), 0)
     token_margins = teacher.token_margins
@@ -127,7 +111,7 @@ def test_elevation_by_the_teacher_drives_the_measured_margin_toward_h(texts):
     llm = wider.model
     with torch.no_grad():  # sharper logits, so the middle layers can move mass between tokens
         llm.model.norm.weight.mul_(8.0)
-    pair = _pair(llm, keep_every=2)
+    pair = emulator_pair(llm, keep_every=2)
     margin = 1.0
     config = ElevationConfig(
         margin=margin, steps=60, batch_size=4, max_length=16, learning_rate=1e-2, margin_weight=0.0, teacher_weight=1.0
@@ -143,7 +127,7 @@ def test_elevation_by_the_teacher_drives_the_measured_margin_toward_h(texts):
 def test_the_simulated_client_descends_its_loss_in_both_models_and_restores_them(texts):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
-    pair = _pair(llm, keep_every=2)
+    pair = emulator_pair(llm, keep_every=2)
     ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)  # one text, four times
     client = SimulatedClient(pair, steps=20, learning_rate=1e-2)
     losses = [client.step(ids, mask) for _ in range(10)]
@@ -162,7 +146,7 @@ def test_the_simulated_client_descends_its_loss_in_both_models_and_restores_them
 def test_a_simulated_client_trains_only_the_layers_it_is_given(texts):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
-    pair = _pair(llm, keep_every=2)
+    pair = emulator_pair(llm, keep_every=2)
     ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)
     client = SimulatedClient(pair, steps=20, learning_rate=1e-2, layers=pair.plan.bottom)
     client.step(ids, mask)
@@ -177,7 +161,7 @@ def test_a_simulated_client_trains_only_the_layers_it_is_given(texts):
 def test_a_lora_shaped_simulated_client_moves_weight_matrices_by_low_rank_updates_only(texts):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
-    pair = _pair(llm, keep_every=2)
+    pair = emulator_pair(llm, keep_every=2)
     ids, mask = TextBatches(wider.tokenizer, texts.train[:1], 16, seed=0).next(4)
     client = SimulatedClient(pair, steps=20, learning_rate=1e-2, lora=LowRankUpdate(rank=2, alpha=4.0))
     losses = [client.step(ids, mask) for _ in range(10)]
@@ -196,7 +180,7 @@ def test_a_lora_shaped_simulated_client_moves_weight_matrices_by_low_rank_update
 def test_elevation_under_a_simulated_client_leaves_the_llm_untouched(texts, client_lora_rank):
     wider = tiny_model(num_layers=6, hidden_size=64)
     llm, reference = wider.model, copy.deepcopy(wider.model)
-    pair = _pair(llm, keep_every=2)
+    pair = emulator_pair(llm, keep_every=2)
     shape = {"margin": 0.3, "steps": 6, "batch_size": 4, "max_length": 16}
     config = ElevationConfig(**shape, client_steps=3, client_every=2, client_lora_rank=client_lora_rank)
     history = elevate_emulator(pair, wider.tokenizer, texts.train[:400], config, progress=False)
