@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from transformers import PreTrainedTokenizerBase
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from blindtune.data import Example
 from blindtune.federation.adapter_rounds import same_for_all
@@ -42,8 +44,10 @@ from blindtune.methods.base import ServerResult, ServerRun
 from blindtune.methods.fedmkt.client import DISTIL, EVALUATE, LOCAL, NEEDS_SLM, PARTITION, PHASE, ROUND, SEED
 from blindtune.methods.fedmkt.config import VALIDATION_INPUTS, VALIDATION_LABELLED, FedMKTConfig
 from blindtune.methods.fedmkt.knowledge import (
+    DistilStats,
     Encoded,
     Knowledge,
+    Target,
     carry_knowledge,
     continuation_lengths,
     distil,
@@ -56,7 +60,7 @@ from blindtune.methods.fedmkt.knowledge import (
 )
 from blindtune.methods.fedmkt.token_alignment import VocabMap, build_vocab_map, vocab_fingerprint
 from blindtune.models import load_model
-from blindtune.models.adapters import attach_adapter
+from blindtune.models.adapters import AdaptedModel, attach_adapter
 from blindtune.models.artefact import describe, unique_state_dict
 from blindtune.models.compression import prepare_proxy
 from blindtune.models.distill import public_texts
@@ -184,9 +188,7 @@ def run_server(run: ServerRun) -> ServerResult:
 
     views = set_up_clients(run, llm, public)
     metrics["emulator_zero_shot"] = float(np.mean([view.slm_before for view in views.values()]))
-    adapted = attach_adapter(
-        llm.model, {i: i for i in range(num_decoder_layers(llm.model))}, method.llm_adapter, seed=config.seed
-    )
+    adapted = llm_with_adapter(llm.model, config)
     history: list[dict[str, Any]] = []
     clients: list[dict[str, Any]] = []
     slm_accuracy: dict[int, float] = {}
@@ -227,16 +229,8 @@ def run_server(run: ServerRun) -> ServerResult:
         weights = teacher_weights(
             own.losses, np.stack([k.losses for k in carried]), method.selection, method.selection_temperature
         )
-        server_stats = distil(
-            adapted.model,
-            llm_encoded,
-            kd_targets(carried, weights),
-            pad_id,
-            steps=method.server_steps,
-            batch_size=method.server_batch_size,
-            learning_rate=method.server_learning_rate,
-            kd_alpha=method.kd_alpha,
-            seed=config.seed * 1_000_003 + round_number,
+        server_stats = server_distil(
+            adapted.model, llm_encoded, kd_targets(carried, weights), pad_id, config, round_number
         )
 
         # (d) the clients learn from the LLM, in their own tokenisation and vocabulary.
@@ -317,24 +311,40 @@ def run_server(run: ServerRun) -> ServerResult:
 def llm_public_only(config: RunConfig, encoded: Encoded, pad_id: int, evaluate: Any) -> float:
     """Accuracy of the LLM trained by the server's own schedule (same LoRA, steps, seeds) on the same
     public set with no client knowledge: what the federation's contribution is measured against."""
-    method: FedMKTConfig = config.method_config
     fresh = load_model(config.model)
-    adapted = attach_adapter(
-        fresh.model, {i: i for i in range(num_decoder_layers(fresh.model))}, method.llm_adapter, seed=config.seed
-    )
+    adapted = llm_with_adapter(fresh.model, config)
     for round_number in range(1, config.federation.rounds + 1):
-        distil(
-            adapted.model,
-            encoded,
-            [None] * len(encoded),
-            pad_id,
-            steps=method.server_steps,
-            batch_size=method.server_batch_size,
-            learning_rate=method.server_learning_rate,
-            kd_alpha=method.kd_alpha,
-            seed=config.seed * 1_000_003 + round_number,
-        )
+        server_distil(adapted.model, encoded, [None] * len(encoded), pad_id, config, round_number)
     return float(evaluate(adapted.model, fresh.tokenizer, "LLM on the public set alone"))
+
+
+def llm_with_adapter(model: PreTrainedModel, config: RunConfig) -> AdaptedModel:
+    """The LLM with the server's LoRA on every layer (the federated run and the public-only reference alike)."""
+    method: FedMKTConfig = config.method_config
+    return attach_adapter(model, {i: i for i in range(num_decoder_layers(model))}, method.llm_adapter, seed=config.seed)
+
+
+def server_distil(
+    model: nn.Module,
+    encoded: Encoded,
+    targets: Sequence[Target | None],
+    pad_id: int,
+    config: RunConfig,
+    round_number: int,
+) -> DistilStats:
+    """One round of the server's distillation schedule (steps, batch, learning rate, seed) into `model`."""
+    method: FedMKTConfig = config.method_config
+    return distil(
+        model,
+        encoded,
+        targets,
+        pad_id,
+        steps=method.server_steps,
+        batch_size=method.server_batch_size,
+        learning_rate=method.server_learning_rate,
+        kd_alpha=method.kd_alpha,
+        seed=config.seed * 1_000_003 + round_number,
+    )
 
 
 def average_slms(
