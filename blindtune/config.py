@@ -70,6 +70,10 @@ class FederationConfig:
     client_lora_ranks: per-client LoRA ranks, client i gets entry i mod length (`flora` only; empty:
         every client uses the adapter's rank).
     client_batch_sizes: per-client batch sizes, client i gets entry i mod length (empty: train.batch_size).
+    server_learning_rate: the global adapter moves by this multiple of the aggregated update (FedOpt's
+        server step, Reddi et al., 2021; 1: plain FedAvg). Averaging n clients' local steps moves the
+        model about as far as one client's steps; > 1 recovers part of the distance the pooled data
+        would have travelled. Not with `flora`, whose global state is a growing stack.
     """
 
     num_clients: int = 3
@@ -86,6 +90,7 @@ class FederationConfig:
     ties_scale: float = 1.0
     client_lora_ranks: list[int] = field(default_factory=list)
     client_batch_sizes: list[int] = field(default_factory=list)
+    server_learning_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_clients < 1 or self.rounds < 1:
@@ -98,6 +103,10 @@ class FederationConfig:
             raise ConfigError("federation.client_lora_ranks and client_batch_sizes must be >= 1")
         if not 0 < self.ties_density <= 1 or self.ties_scale <= 0:
             raise ConfigError("federation.ties_density must be in (0, 1] and ties_scale > 0")
+        if self.server_learning_rate <= 0:
+            raise ConfigError(f"federation.server_learning_rate must be > 0, got {self.server_learning_rate}")
+        if self.server_learning_rate != 1 and self.strategy is StrategyName.FLORA:
+            raise ConfigError("federation.server_learning_rate must be 1 with strategy: flora (a stacked state)")
 
     def client_rank(self, client: int) -> int | None:
         return self.client_lora_ranks[client % len(self.client_lora_ranks)] if self.client_lora_ranks else None
@@ -139,14 +148,18 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    """Reference rows trained with the same budget (examples seen) as the federation.
+    """Reference rows: what the federation's result is measured against.
 
-    centralized: the adapter trained on the full LLM with all clients' data pooled (upper bound).
-    local_only: the method's client side trained on client 0's data alone (lower bound).
+    centralized: the adapter trained on the full LLM with all clients' data pooled, as many examples
+        as the whole federation saw (upper bound).
+    local_only: the method's client side trained on client 0's data alone, with one federated client's
+        compute (rounds x steps; lower bound).
+    cache: reuse a row computed before with the same inputs (`blindtune.reference_rows`).
     """
 
     centralized: bool = True
     local_only: bool = True
+    cache: bool = True
 
 
 @dataclass

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     # `config` names the engine and the strategy, and the federation reads the run's settings from it.
     ("federation", "config"),
     ("methods",),
-    ("runner", "report", "audits", "export", "run_folder", "preflight"),  # the run level
+    ("runner", "report", "audits", "export", "run_folder", "preflight", "reference_rows"),  # the run level
     ("cli",),
     ("benchmarks",),
 ]

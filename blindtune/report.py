@@ -30,6 +30,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
+from blindtune.eval.leakage import capability_retained
+
 RESULTS_FILE = "results.json"
 REQUIRED_KEYS = ("method", "model", "task", "num_clients", "rounds", "metrics", "cost")
 # Known metrics in the order a reader compares them: the baselines first, then what the method achieved.
@@ -42,11 +44,14 @@ METRIC_TITLES = {
     "centralized": "centralized",
     "llm_public_only": "LLM on the public set alone",
     "federation_gain": "federation's contribution (plug-in - public set alone)",
+    "plugin_on_hand_out": "global adapter on the hand-out",
+    "transfer_gap": "transfer gap (on the hand-out - plug-in)",
+    "capability_retained": "hand-out's capability retained (above chance)",
 }
 # Keys that hold accuracies, hence shown as percentages; other metrics whose names hold one of these
 # words are plain numbers even when they lie in [0, 1].
-ACCURACY_KEYS = frozenset(METRIC_ORDER)
-NOT_ACCURACY_WORDS = ("loss", "perplexity", "ppl", "seconds", "tokens", "bytes")
+ACCURACY_KEYS = frozenset((*METRIC_ORDER, "plugin_on_hand_out", "hand_out"))
+NOT_ACCURACY_WORDS = ("loss", "perplexity", "ppl", "seconds", "tokens", "bytes", "retained", "cosine")
 MISSING = "–"
 
 
@@ -167,9 +172,10 @@ def format_metric(key: str, value: float | None, nll: bool = False) -> str:
     with `nll` the model rows are mean token negative log-likelihoods (nats, lower is better)."""
     if value is None:
         return MISSING
-    if nll and (key in ACCURACY_KEYS or key.endswith("_gain")):
-        return f"{value:+.3f} nats/token" if key.endswith("_gain") else f"{value:.3f} nats/token"
-    if key.endswith("_gain"):  # a difference of two accuracies
+    difference = key.endswith(("_gain", "_gap"))
+    if nll and (key in ACCURACY_KEYS or difference):
+        return f"{value:+.3f} nats/token" if difference else f"{value:.3f} nats/token"
+    if difference:  # a difference of two accuracies
         return f"{100 * value:+.1f} points"
     if key in ACCURACY_KEYS or (0 <= value <= 1 and not any(word in key for word in NOT_ACCURACY_WORDS)):
         return format_accuracy(value)
@@ -344,12 +350,6 @@ def accuracy_interval(accuracy: float, examples: int, confidence: float = 0.95) 
 def scored_examples(run: dict[str, Any]) -> int:
     """How many test examples the run scored (its eval.limit, at most the task's test split)."""
     return int(run.get("config", {}).get("eval", {}).get("limit") or 0)
-
-
-def capability_retained(hand_out: float, llm: float, chance: float) -> float | None:
-    """(hand-out accuracy - chance) / (LLM accuracy - chance): the share of the LLM's above-chance
-    capability a client gets from the hand-out alone (0: none, 1: all). None when the LLM is at chance."""
-    return None if llm - chance <= 0 else (hand_out - chance) / (llm - chance)
 
 
 def plot_utility_vs_privacy(runs: Sequence[dict[str, Any]], path: Path, chance: dict[str, float] | None = None) -> Path:

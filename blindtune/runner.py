@@ -10,6 +10,7 @@ a loopback deployment), and afterwards the baselines, the audits and the report.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from blindtune.methods import config_class, get_method
 from blindtune.methods.base import BaselineInputs
 from blindtune.models.device import placed
 from blindtune.preflight import check_model_fits
+from blindtune.reference_rows import cached_reference
 from blindtune.report import write_report
 from blindtune.run_folder import prepare_run_folder
 
@@ -104,11 +106,16 @@ def run_experiment(
     )
     metrics: dict[str, float] = dict(result.metrics)
     placement = config.placement()
+    references: dict[str, dict[str, Any]] = {}
     with placed(placement):  # the reference rows compute where the federation did
-        if config.baselines.centralized:
-            metrics["centralized"] = method.centralized(inputs)
-        if config.baselines.local_only:
-            metrics["local_only"] = method.local_only(inputs)
+        for name, wanted, compute in (
+            ("centralized", config.baselines.centralized, method.centralized),
+            ("local_only", config.baselines.local_only, method.local_only),
+        ):
+            if wanted:
+                row = cached_reference(name, config, functools.partial(compute, inputs), config.baselines.cache)
+                metrics[name] = row.value
+                references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
 
     cost = dict(record.cost)
     train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in result.clients)
@@ -130,6 +137,7 @@ def run_experiment(
         "history": result.history,
         "clients": result.clients,
         "details": result.details,
+        "reference_rows": references,
         "config": config.to_dict(),
     }
     # What the privacy protections spent, the ledger check, and the audits the config asks for.

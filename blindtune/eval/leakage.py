@@ -2,6 +2,8 @@
 
 - `perplexities`: the handed-out model's and the LLM's perplexity on held-out text, and their ratio;
 - `cpl`: capability leakage, its zero-shot accuracy as a percentage of the LLM's;
+- `capability_retained`: the share of the LLM's *above-chance* accuracy it keeps (0: none, 1: all), the
+  measure that stays meaningful on balanced tasks, where an input-blind model scores at chance;
 - `adapter_gradient_cosine`: whether an adapter trained on it is trained for the LLM;
 - `leakage_report`: the above for one emulator, as results.json's `privacy.emulator` holds them.
 
@@ -32,13 +34,17 @@ from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapte
 class LeakageConfig:
     """What the server measures about the emulator it hands out (results.json `privacy`).
 
-    extra_tasks: tasks besides the run's own on which zero-shot accuracy and CPL are measured too.
+    extra_tasks: tasks besides the run's own on which zero-shot accuracy, CPL and capability retained
+        are measured too (their data must be present).
+    optional_tasks: the same, measured when their data files are present and listed under
+        `skipped_tasks` with the reason otherwise (PIQA ships outside the package).
     gradient_examples: validation examples of the run's task for the adapter-gradient cosine
         (the experimenter's data, like the test split; never a client's).
     ppl_max_length: tokens per held-out public text for the perplexity ratio.
     """
 
-    extra_tasks: list[str] = field(default_factory=list)
+    extra_tasks: list[str] = field(default_factory=lambda: ["wordnet-definition"])
+    optional_tasks: list[str] = field(default_factory=lambda: ["piqa"])
     gradient_examples: int = 8
     ppl_max_length: int = 64
 
@@ -55,6 +61,26 @@ def perplexities(
 def cpl(emulator_accuracy: float, llm_accuracy: float) -> float:
     """Capability leakage: emulator zero-shot accuracy as a percentage of the LLM's."""
     return 100.0 * emulator_accuracy / llm_accuracy if llm_accuracy > 0 else float("nan")
+
+
+def chance_accuracy(examples: Sequence[Example]) -> float:
+    """The expected accuracy of guessing uniformly among each example's options."""
+    return sum(1 / len(example.choices) for example in examples) / len(examples) if examples else 0.0
+
+
+def capability_retained(hand_out: float, llm: float, chance: float) -> float | None:
+    """(hand-out accuracy - chance) / (LLM accuracy - chance): the share of the LLM's above-chance
+    capability a client gets from the hand-out alone (0: none, 1: all). None when the LLM is at chance."""
+    return None if llm - chance <= 0 else (hand_out - chance) / (llm - chance)
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    """One task's zero-shot accuracies of the LLM and of the hand-out, and the task's chance accuracy."""
+
+    llm: float
+    hand_out: float
+    chance: float
 
 
 def adapter_gradient_cosine(
@@ -95,25 +121,31 @@ def leakage_report(
     emulator: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     heldout_texts: Sequence[str],
-    zero_shot: dict[str, tuple[float, float]],
+    zero_shot: dict[str, ZeroShot],
     *,
     margin: float | None = None,
     max_length: int = 64,
 ) -> dict[str, Any]:
-    """Perplexities on held-out public text and, per task, (LLM, emulator) zero-shot accuracy and CPL.
+    """Perplexities on held-out public text and, per task, the LLM's and the emulator's zero-shot
+    accuracy, CPL and capability retained.
 
-    `cpl` is the first task's (the run's own); `expected_ppl_ratio` is e^H when a margin H was trained.
+    `cpl` and `capability_retained` are the first task's (the run's own); `expected_ppl_ratio` is e^H
+    when a margin H was trained.
     """
     report: dict[str, Any] = perplexities(llm, emulator, tokenizer, heldout_texts, max_length=max_length)
     if margin is not None:
         report["expected_ppl_ratio"] = math.exp(margin)
     report["tasks"] = {
         task: {
-            "llm_zero_shot": llm_accuracy,
-            "emulator_zero_shot": emulator_accuracy,
-            "cpl": cpl(emulator_accuracy, llm_accuracy),
+            "llm_zero_shot": scores.llm,
+            "emulator_zero_shot": scores.hand_out,
+            "chance": scores.chance,
+            "cpl": cpl(scores.hand_out, scores.llm),
+            "capability_retained": capability_retained(scores.hand_out, scores.llm, scores.chance),
         }
-        for task, (llm_accuracy, emulator_accuracy) in zero_shot.items()
+        for task, scores in zero_shot.items()
     }
-    report["cpl"] = next(iter(report["tasks"].values()))["cpl"] if zero_shot else float("nan")
+    first: dict[str, Any] = next(iter(report["tasks"].values()), {})
+    report["cpl"] = first.get("cpl", float("nan"))
+    report["capability_retained"] = first.get("capability_retained")
     return report

@@ -76,6 +76,7 @@ class RoundSettings:
     checkpoint_dir: Path
     resume: bool = False  # continue after the last complete checkpoint in checkpoint_dir
     config_hash: str | None = None  # the run config's hash, written into (and checked against) checkpoints
+    server_learning_rate: float = 1.0
 
     @classmethod
     def of_run(cls, config: RunConfig, checkpoint_dir: Path, resume: bool) -> RoundSettings:
@@ -89,6 +90,7 @@ class RoundSettings:
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             config_hash=config.content_hash(),
+            server_learning_rate=config.federation.server_learning_rate,
         )
 
 
@@ -106,9 +108,11 @@ def run_rounds(
     strategy: FedAvg,
     llm: nn.Module,
     evaluate: Callable[[nn.Module, int], float],
+    diagnose: Callable[[AdapterState, int], dict[str, float]] | None = None,
 ) -> RoundsOutcome:
     """Federated rounds of adapter training; `evaluate(model, round)` scores the LLM with the global
-    adapter plugged in (however the strategy plugs it)."""
+    adapter plugged in (however the strategy plugs it); `diagnose(state, round)`, when given, adds
+    the method's own measures of the global adapter to the same rows (history)."""
     outcome = RoundsOutcome(state=strategy.initial_global(initial_state))
     first_round = 1
     if settings.resume and (checkpoint := latest_checkpoint(settings.checkpoint_dir, settings.config_hash)) is not None:
@@ -122,6 +126,7 @@ def run_rounds(
     secagg, server_dp = _server_protections(privacy, strategy, first_round)
     progress = RoundProgress(first_round, settings.rounds)
     for round_number in range(first_round, settings.rounds + 1):
+        previous = outcome.state
         content = RecordDict(
             {
                 RecordKey.ADAPTER: tensors_to_record(outcome.state),
@@ -166,6 +171,7 @@ def run_rounds(
             else:
                 outcome.state = strategy.aggregate(kept, outcome.state)
             kept_nodes = {update.node_id for update in kept}
+        outcome.state = server_step(previous, outcome.state, settings.server_learning_rate)
         used_metrics = {node: replies[node].metric_records.get(RecordKey.METRICS) for node in kept_nodes}
         dp_epsilon = require_client_dp(privacy, used_metrics, round_number)  # None: client DP is off
         for node, reply in replies.items():
@@ -197,6 +203,8 @@ def run_rounds(
         if settings.evaluate_every_round or round_number == settings.rounds:
             with strategy.plugged_in(llm, outcome.state) as adapted:
                 row["plugin"] = evaluate(adapted, round_number)
+            if diagnose is not None:
+                row.update(diagnose(outcome.state, round_number))
         log.info("round %d: %s", round_number, row)
         outcome.history.append(row)
         # Written last, so a checkpoint exists only for a round that finished completely.
@@ -209,6 +217,16 @@ def run_rounds(
         save_checkpoint(settings.checkpoint_dir, round_number, outcome.state, meta)
         progress.round_done(round_number, len(replies), len(nodes), row["train_loss"])
     return outcome
+
+
+def server_step(previous: AdapterState, aggregated: AdapterState, learning_rate: float) -> AdapterState:
+    """previous + learning_rate x (aggregated - previous), tensor by tensor (the aggregate as is at 1)."""
+    if learning_rate == 1:
+        return aggregated
+    return {
+        name: (previous[name] + learning_rate * (value - previous[name])) if name in previous else value
+        for name, value in aggregated.items()
+    }
 
 
 def _server_protections(privacy: Any, strategy: FedAvg, first_round: int) -> tuple[Any, Any]:

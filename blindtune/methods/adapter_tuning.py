@@ -16,7 +16,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from blindtune.data import load_task
-from blindtune.eval.leakage import LeakageConfig, adapter_gradient_cosine, leakage_report
+from blindtune.data.task import TaskData
+from blindtune.eval.leakage import (
+    LeakageConfig,
+    ZeroShot,
+    adapter_gradient_cosine,
+    chance_accuracy,
+    leakage_report,
+)
 from blindtune.federation.adapter_rounds import (
     RoundSettings,
     RoundsOutcome,
@@ -58,12 +65,62 @@ def federate(
     initial: AdapterState,
     llm: nn.Module,
     evaluate: Callable[[nn.Module, int], float],
+    diagnose: Callable[[AdapterState, int], dict[str, float]] | None = None,
 ) -> RoundsOutcome:
     """The configured rounds of adapter training, with the configured strategy."""
     config = run.config
     settings = RoundSettings.of_run(config, run.out_dir / "checkpoints", run.resume)
     strategy = configured_strategy(config.federation, adapter)
-    return run_rounds(run.exchange, initial, settings, strategy, llm, evaluate)
+    return run_rounds(run.exchange, initial, settings, strategy, llm, evaluate, diagnose)
+
+
+def measure_leakage(
+    run: ServerRun,
+    llm: LoadedModel,
+    emulator: HandedOutEmulator,
+    public_text: str,
+    leakage: LeakageConfig,
+    task: TaskData,
+    metrics: dict[str, float],
+) -> dict[str, Any]:
+    """results.json `privacy.emulator`: what the hand-out alone can do, on the run's task (its zero-shot
+    scores in `metrics`), the configured extra tasks and those optional tasks whose data is present."""
+    config = run.config
+    zero_shot = {
+        config.task: ZeroShot(
+            metrics["llm_zero_shot"], metrics["emulator_zero_shot"], chance_accuracy(task.test[: config.eval.limit])
+        )
+    }
+    skipped: dict[str, str] = {}
+    for name in [*leakage.extra_tasks, *leakage.optional_tasks]:
+        if name in zero_shot:
+            continue
+        try:
+            other = load_task(name, seed=config.seed)
+        except FileNotFoundError as missing:
+            if name not in leakage.optional_tasks:
+                raise
+            skipped[name] = str(missing)
+            continue
+        evaluate_other = config.eval.evaluator(other, run.progress)
+        zero_shot[name] = ZeroShot(
+            evaluate_other(llm.model, llm.tokenizer, f"LLM zero-shot {name}", reuse=True),
+            evaluate_other(emulator.model, llm.tokenizer, f"emulator zero-shot {name}"),
+            chance_accuracy(other.test[: config.eval.limit]),
+        )
+    heldout = public_texts(public_text, config.task, config.seed).heldout
+    report = leakage_report(
+        llm.model,
+        emulator.model,
+        llm.tokenizer,
+        heldout,
+        zero_shot,
+        margin=emulator.margin,
+        max_length=leakage.ppl_max_length,
+    )
+    if skipped:
+        report["skipped_tasks"] = skipped
+    return report
 
 
 @dataclass
@@ -105,30 +162,15 @@ def serve_emulator(
     leakage = method.privacy
     privacy: dict[str, Any] | None = None
     if leakage is not None:
-        zero_shot = {config.task: (metrics["llm_zero_shot"], metrics["emulator_zero_shot"])}
-        for name in leakage.extra_tasks:
-            evaluate_other = config.eval.evaluator(load_task(name, seed=config.seed), run.progress)
-            zero_shot[name] = (
-                evaluate_other(llm.model, llm.tokenizer, f"LLM zero-shot {name}"),
-                evaluate_other(emulator.model, llm.tokenizer, f"emulator zero-shot {name}"),
-            )
-        heldout = public_texts(method.public_text, config.task, config.seed).heldout
-        privacy = leakage_report(
-            llm.model,
-            emulator.model,
-            llm.tokenizer,
-            heldout,
-            zero_shot,
-            margin=emulator.margin,
-            max_length=leakage.ppl_max_length,
+        privacy = measure_leakage(run, llm, emulator, method.public_text, leakage, task, metrics)
+    gradient_examples = task.validation[: leakage.gradient_examples if leakage else 8] or task.train[:8]
+
+    def gradient_cosine(state: AdapterState) -> float:
+        return adapter_gradient_cosine(
+            llm.model, emulator.model, layer_map, method.adapter, state, llm.tokenizer, gradient_examples
         )
-        gradient_examples = task.validation[: leakage.gradient_examples] or task.train[:8]
 
-        def gradient_cosine(state: AdapterState) -> float:
-            return adapter_gradient_cosine(
-                llm.model, emulator.model, layer_map, method.adapter, state, llm.tokenizer, gradient_examples
-            )
-
+    if privacy is not None:
         privacy["gradient_cosine"] = gradient_cosine(initial)
     hand_out(
         run.exchange,
@@ -140,13 +182,28 @@ def serve_emulator(
     def evaluate_plugin(adapted: nn.Module, round_number: int) -> float:
         return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
 
-    outcome = federate(run, method.adapter, initial, llm.model, evaluate_plugin)
+    strategy = configured_strategy(config.federation, method.adapter)
+
+    def transfer(state: AdapterState, round_number: int) -> dict[str, float]:
+        """What explains transfer: the global adapter on the hand-out itself (its accuracy there minus
+        the plug-in's is the transfer gap) and the cosine of its gradients on the hand-out and the LLM."""
+        on_hand_out = strategy.prepare_client(copy.deepcopy(emulator.model), state, layer_map, None, config.seed)
+        row = {"hand_out": evaluate(on_hand_out.model, llm.tokenizer, f"on the hand-out, round {round_number}")}
+        if set(state) == set(initial):  # a complete adapter (not FLoRA's stack of products)
+            row["gradient_cosine"] = gradient_cosine(state)
+        return row
+
+    outcome = federate(run, method.adapter, initial, llm.model, evaluate_plugin, transfer)
     metrics["plugin"] = outcome.history[-1]["plugin"]
     result = ServerResult(metrics, outcome.history, outcome.clients, details={"emulator": emulator.details})
+    final = outcome.history[-1]
+    if "hand_out" in final:
+        metrics["plugin_on_hand_out"] = final["hand_out"]
+        metrics["transfer_gap"] = final["hand_out"] - final["plugin"]
     if privacy is not None:
-        if set(outcome.state) == set(initial):  # the global state is a complete adapter (not FLoRA's stack)
-            privacy["gradient_cosine_final"] = gradient_cosine(outcome.state)
-        metrics.update({key: privacy[key] for key in ("cpl", "ppl_ratio", "gradient_cosine")})
+        if "gradient_cosine" in final:
+            privacy["gradient_cosine_final"] = final["gradient_cosine"]
+        metrics.update({key: privacy[key] for key in ("cpl", "capability_retained", "ppl_ratio", "gradient_cosine")})
         result.privacy = {"emulator": privacy}
     return result
 
@@ -157,7 +214,7 @@ def centralized_adapter(
     """Upper bound: the adapter trained on the LLM's own layers with the pooled client data."""
     config = inputs.config
     adapted = attach_adapter(llm.model, {i: i for i in layers}, adapter, seed=config.seed)
-    inputs.train_reference(adapted.model, llm.tokenizer, inputs.pooled_examples(), "centralized")
+    inputs.train_reference(adapted.model, llm.tokenizer, inputs.pooled_examples(), "centralized", inputs.same_budget())
     return inputs.evaluate(adapted.model, llm.tokenizer, "centralized")
 
 
@@ -167,6 +224,8 @@ def local_only_adapter(
     """Lower bound: client 0 trains the adapter on the artefact alone; plugged into the LLM."""
     config = inputs.config
     adapted = attach_adapter(artefact, layer_map, adapter, seed=config.seed)
-    inputs.train_reference(adapted.model, llm.tokenizer, inputs.client_examples[0], "local only")
+    inputs.train_reference(
+        adapted.model, llm.tokenizer, inputs.client_examples[0], "local only", inputs.client_budget()
+    )
     with plugged_in(llm.model, adapted.state(), adapter) as plugged:
         return inputs.evaluate(plugged, llm.tokenizer, "local only")

@@ -44,17 +44,27 @@ class BaselineInputs:
         return [example for examples in self.client_examples for example in examples]
 
     def same_budget(self) -> TrainConfig:
-        """Train settings that see as many examples as the whole federation did."""
+        """Train settings that see as many examples as the whole federation did (the centralised row)."""
         federation = self.config.federation
         return dataclasses.replace(
             self.config.train, steps=self.config.train.steps * federation.rounds * federation.num_clients
         )
 
+    def client_budget(self) -> TrainConfig:
+        """Train settings of one federated client over the whole run, rounds x steps (the local-only
+        row: a client that stays alone spends the compute it would spend in the federation)."""
+        return dataclasses.replace(self.config.train, steps=self.config.train.steps * self.config.federation.rounds)
+
     def train_reference(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], desc: str
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: list[Example],
+        desc: str,
+        budget: TrainConfig,
     ) -> None:
-        """Train a reference row's model on `examples` with the whole federation's budget."""
-        train(model, tokenizer, examples, self.same_budget(), seed=self.config.seed, progress=self.progress, desc=desc)
+        """Train a reference row's model on `examples` for `budget`."""
+        train(model, tokenizer, examples, budget, seed=self.config.seed, progress=self.progress, desc=desc)
 
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> float:
         """Accuracy on the same test examples the federation's server evaluates on."""

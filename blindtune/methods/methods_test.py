@@ -45,6 +45,22 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
         assert 0.0 <= results["metrics"]["llm_public_only"] <= 1.0
         gain = results["metrics"]["plugin"] - results["metrics"]["llm_public_only"]
         assert results["metrics"]["federation_gain"] == pytest.approx(gain)
+    if method in {"offsite", "lleot"}:  # what explains transfer, and what the hand-out alone can do
+        assert all({"hand_out", "gradient_cosine"} <= set(row) for row in results["history"])
+        on_hand_out = results["metrics"]["plugin_on_hand_out"]
+        assert results["metrics"]["transfer_gap"] == pytest.approx(on_hand_out - results["metrics"]["plugin"])
+        leakage = results["privacy"]["emulator"]
+        assert {"wordnet-supersense", "wordnet-definition"} <= set(leakage["tasks"])
+        for scores in leakage["tasks"].values():
+            above_chance = scores["llm_zero_shot"] - scores["chance"]
+            expected = (scores["emulator_zero_shot"] - scores["chance"]) / above_chance if above_chance > 0 else None
+            assert scores["capability_retained"] == pytest.approx(expected)
+        assert results["metrics"]["capability_retained"] == leakage["tasks"]["wordnet-supersense"]["capability_retained"]
+    assert not any(row["from_cache"] for row in results["reference_rows"].values())
+    again = run_experiment(config, tmp_path / "again", progress=False)  # the same inputs: rows from the cache
+    assert all(row["from_cache"] for row in again["reference_rows"].values())
+    for key in ("centralized", "local_only"):
+        assert again["metrics"][key] == results["metrics"][key]
     assert (tmp_path / "run" / "report.md").is_file()
     assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
 

@@ -29,7 +29,7 @@ from blindtune.methods.fedcot.server import PRIVATISED_RECORDS, build_slm, every
 from blindtune.models import load_model
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter
 from blindtune.models.loading import LoadedModel
-from blindtune.training import train
+from blindtune.training import TrainConfig, train
 from blindtune.training.loop import AuxiliaryTask
 
 
@@ -74,16 +74,22 @@ class FedCoT(Method):
             prompts = [example.prompt for example in examples]
             rationales = generate_rationales(llm.model, llm.tokenizer, prompts, template, method, inputs.progress)
         auxiliary = rationale_examples(examples, rationales, method)[0]
-        return _train_slm(inputs, slm, inputs.pooled_examples(), auxiliary, "centralized")
+        return _train_slm(inputs, slm, inputs.pooled_examples(), auxiliary, "centralized", inputs.same_budget())
 
     def local_only(self, inputs: BaselineInputs) -> float:
-        """Lower bound: client 0 trains its SLM on its own labels alone (no rationales, no federation)."""
+        """Lower bound: client 0 trains its SLM on its own labels alone (no rationales, no federation),
+        with one federated client's compute."""
         slm = build_slm(load_model(inputs.config.model), inputs.config, inputs.progress)
-        return _train_slm(inputs, slm, inputs.client_examples[0], [], "local only")
+        return _train_slm(inputs, slm, inputs.client_examples[0], [], "local only", inputs.client_budget())
 
 
 def _train_slm(
-    inputs: BaselineInputs, slm: LoadedModel, examples: list[Example], rationales: list[Example], desc: str
+    inputs: BaselineInputs,
+    slm: LoadedModel,
+    examples: list[Example],
+    rationales: list[Example],
+    desc: str,
+    budget: TrainConfig,
 ) -> float:
     config = inputs.config
     method: FedCoTConfig = config.method_config
@@ -93,7 +99,7 @@ def _train_slm(
         adapted.model,
         slm.tokenizer,
         [label_example(example, method, slm.tokenizer.eos_token or "") for example in examples],
-        inputs.same_budget(),
+        budget,
         seed=config.seed,
         progress=inputs.progress,
         desc=desc,

@@ -158,7 +158,9 @@ def local_only_plugin(inputs: BaselineInputs) -> float:
     prepared = handed_out_proxy(llm, config, inputs.progress)
     initial_weights = proxy_layer_state(prepared.model)
     adapted = attach_adapter(copy.deepcopy(prepared.model), proxy_layer_map(prepared), method.adapter, seed=config.seed)
-    inputs.train_reference(adapted.model, llm.tokenizer, inputs.client_examples[0], "local only")
+    inputs.train_reference(
+        adapted.model, llm.tokenizer, inputs.client_examples[0], "local only", inputs.client_budget()
+    )
     state = {name: p.detach().cpu() for name, p in adapted.named_adapter_parameters(include_frozen=True).items()}
     with plugged_in(prepared.model, state, method.adapter) as tuned:
         update = proxy_update(tuned, initial_weights)

@@ -22,7 +22,7 @@ class OffsiteConfig:
         before handing it out (Offsite-Tuning's NLD, "OT-distilled"); None hands out the uniform one.
     public_text: the server's own text for distillation and the perplexity measurement
         (see `blindtune.models.distill.public_texts`); never client data.
-    privacy: when set, measure the emulator's capability leakage (results.json `privacy`).
+    privacy: what is measured of the emulator's capability leakage (results.json `privacy`); null: nothing.
     cache_emulator: reuse a distilled emulator from the user cache when the settings match.
     """
 
@@ -32,5 +32,5 @@ class OffsiteConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     distill: DistillConfig | None = None
     public_text: str = "wordnet:adj,adv"
-    privacy: LeakageConfig | None = None
+    privacy: LeakageConfig | None = field(default_factory=LeakageConfig)
     cache_emulator: bool = True

@@ -1,0 +1,76 @@
+"""The model the server hands out for adapter training, built from the LLM without training.
+
+Two training-free ways to make the middle of the LLM useless alone, composable:
+
+- layer drop (Offsite-Tuning's uniform emulator): keep 1 of every `middle_keep_every` middle layers;
+- channel pruning (GradOT/ScaleOT-style width compression): in every middle layer the hand-out keeps
+  `middle_mlp_keep` of the MLP channels, the most important ones on public text
+  (`blindtune.models.compression.measure_importance`); the others are zeroed in gate/up/down, so
+  their weights never leave the server and the layer keeps the LLM's shapes.
+
+The bottom and top `adapter_layers_per_side` layers stay exact copies: adapters trained on them fit
+the LLM again. With no layer dropped every hand-out layer is an LLM layer at the same depth, so
+adapters can sit on all of them (`layer_map("all")`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from blindtune.models.compression import measure_importance
+from blindtune.models.distill import public_texts
+from blindtune.models.surgery import LayerPlan, build_emulator, decoder_layers, num_decoder_layers, plan_layers
+
+
+@dataclass
+class HandoutConfig:
+    adapter_layers_per_side: int = 3
+    middle_keep_every: int = 3
+    middle_mlp_keep: float = 1.0
+    public_text: str = "wordnet:adj,adv"
+    importance_texts: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.middle_mlp_keep <= 1:
+            raise ValueError(f"middle_mlp_keep must be in [0, 1], got {self.middle_mlp_keep}")
+
+
+@dataclass
+class Handout:
+    model: PreTrainedModel
+    plan: LayerPlan
+    parameter_share: float  # non-zero decoder-layer parameters as a share of the LLM's
+
+    def layer_map(self, which: str) -> dict[int, int]:
+        """Hand-out position -> LLM layer of the layers that get adapters: `ends` or `all`."""
+        position = self.plan.emulator_position_of
+        sources = self.plan.adapter_layers if which == "ends" else self.plan.emulator_layers
+        return {position[source]: source for source in sources}
+
+
+def _nonzero(layers: nn.ModuleList) -> int:
+    return sum(int((p != 0).sum()) for p in layers.parameters())
+
+
+def build_handout(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: HandoutConfig) -> Handout:
+    plan = plan_layers(num_decoder_layers(llm), config.adapter_layers_per_side, config.middle_keep_every)
+    model = build_emulator(llm, plan)
+    if config.middle_mlp_keep < 1:
+        texts = public_texts(config.public_text).train[: config.importance_texts]
+        channels = measure_importance(llm, tokenizer, texts, max_length=64).mlp_channels
+        keep = round(config.middle_mlp_keep * channels.shape[1])
+        layers = decoder_layers(model)
+        with torch.no_grad():
+            for source in plan.middle:
+                mlp: Any = layers[plan.emulator_position_of[source]].mlp
+                dropped = channels[source].argsort(descending=True)[keep:]
+                mlp.gate_proj.weight[dropped] = 0
+                mlp.up_proj.weight[dropped] = 0
+                mlp.down_proj.weight[:, dropped] = 0
+    share = _nonzero(decoder_layers(model)) / _nonzero(decoder_layers(llm))
+    return Handout(model, plan, share)
