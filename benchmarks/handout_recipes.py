@@ -58,7 +58,9 @@ def chance(task: TaskData) -> float:
     return sum(1 / len(example.choices) for example in task.test) / len(task.test)
 
 
-def measure(variant: Variant, llm: LoadedModel, tasks: dict[str, TaskData], steps: int, seed: int) -> dict[str, Any]:
+def measure(
+    variant: Variant, llm: LoadedModel, tasks: dict[str, TaskData], steps: int, seed: int, with_llm_row: bool
+) -> dict[str, Any]:
     started = time.perf_counter()
     handout = build_handout(llm.model, llm.tokenizer, variant.handout)
     layer_map = handout.layer_map(variant.adapter_layers)
@@ -101,7 +103,8 @@ def measure(variant: Variant, llm: LoadedModel, tasks: dict[str, TaskData], step
     }
     with plugged_in(llm.model, adapted.state(), LORA) as plugged:
         row["trained_on_handout"]["plugged_into_llm"] = evaluate(plugged, llm.tokenizer, "plugged")
-    row["trained_on_llm"] = trained_on_llm(llm, run_task, tuple(sorted(layer_map.values())), budget, seed)
+    if with_llm_row:
+        row["trained_on_llm"] = trained_on_llm(llm, run_task, tuple(sorted(layer_map.values())), budget, seed)
     row["seconds"] = time.perf_counter() - started
     return row
 
@@ -129,6 +132,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["wordnet-supersense", "wordnet-definition", "piqa"])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-llm-row", action="store_true", help="skip the LoRA trained on the LLM itself")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     llm = load_model("smollm2-135m-instruct")
@@ -138,7 +142,7 @@ def main() -> None:
         name, rest = spec.split("=", 1)
         settings, adapters = rest.rsplit("@", 1)
         variant = Variant(name, HandoutConfig(**json.loads(settings)), adapters)
-        row = measure(variant, llm, tasks, args.steps, args.seed)
+        row = measure(variant, llm, tasks, args.steps, args.seed, not args.no_llm_row)
         (args.out / f"{name}.json").write_text(json.dumps(row, indent=2))
         print(json.dumps(row), flush=True)
 

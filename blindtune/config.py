@@ -121,15 +121,18 @@ class FederationConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on the task's test split.
+    """Evaluation on the task's test split (or its validation split, to choose between variants).
 
-    limit: evaluate on the first `limit` test examples (None: all).
+    split: `test`, or `validation` while variants are compared (the test split is then scored once,
+        with the chosen setting).
+    limit: evaluate on the first `limit` examples of the split (None: all).
     batch_size: examples per forward pass.
     length_normalized: score options by log-likelihood per character (acc_norm).
     every_round: evaluate the plugged-in LLM after every round (else only after the last).
     max_new_tokens: generation tasks (GSM8K): tokens generated per answer at most.
     """
 
+    split: str = "test"
     limit: int | None = 200
     batch_size: int = 32
     length_normalized: bool = False
@@ -141,8 +144,12 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if self.split not in ("test", "validation"):
+            raise ValueError(f"eval.split must be 'test' or 'validation', got {self.split!r}")
 
     def evaluator(self, task: TaskData, progress: bool = True) -> TaskEvaluator:
+        if self.split == "validation":  # the evaluator scores `test`: point it at the validation split
+            task = dataclasses.replace(task, test=task.validation)
         return TaskEvaluator(task, self.limit, self.batch_size, self.length_normalized, self.max_new_tokens, progress)
 
 

@@ -68,6 +68,8 @@ def test_sections_become_typed_objects_and_round_trip():
         ({"method": "offsite", "federation": {"num_clients": 0}}, "num_clients"),
         ({"method": "offsite", "federation": {"client_lora_ranks": [2, 4]}}, "needs strategy: flora"),
         ({"method": "offsite", "seed": None}, "seed: expected int, got None"),
+        ({"method": "offsite", "eval": {"split": "train"}}, "eval.split must be 'test' or 'validation'"),
+        ({"method": "offsite", "federation": {"server_learning_rate": -1}}, "server_learning_rate must be > 0"),
     ],
 )
 def test_bad_configs_name_the_offending_key(data, message):
@@ -152,3 +154,12 @@ def test_the_method_section_is_typed_by_the_class_the_caller_names():
     assert config_module.run_config_from_dict(data, lambda name: Section).method_config == Section(depth=3)
     with pytest.raises(ConfigError, match=re.escape("unknown key(s) toy.width")):
         config_module.run_config_from_dict({"method": "toy", "toy": {"width": 3}}, lambda name: Section)
+
+
+def test_variants_can_be_scored_on_the_validation_split():
+    from blindtune.config import EvalConfig
+    from blindtune.data import load_task
+
+    task = load_task("wordnet-supersense")
+    assert EvalConfig().evaluator(task, progress=False).task.test == task.test
+    assert EvalConfig(split="validation").evaluator(task, progress=False).task.test == task.validation

@@ -55,7 +55,9 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
             above_chance = scores["llm_zero_shot"] - scores["chance"]
             expected = (scores["emulator_zero_shot"] - scores["chance"]) / above_chance if above_chance > 0 else None
             assert scores["capability_retained"] == pytest.approx(expected)
-        assert results["metrics"]["capability_retained"] == leakage["tasks"]["wordnet-supersense"]["capability_retained"]
+        assert (
+            results["metrics"]["capability_retained"] == leakage["tasks"]["wordnet-supersense"]["capability_retained"]
+        )
     assert not any(row["from_cache"] for row in results["reference_rows"].values())
     again = run_experiment(config, tmp_path / "again", progress=False)  # the same inputs: rows from the cache
     assert all(row["from_cache"] for row in again["reference_rows"].values())

@@ -3,6 +3,8 @@
 Two training-free ways to make the middle of the LLM useless alone, composable:
 
 - layer drop (Offsite-Tuning's uniform emulator): keep 1 of every `middle_keep_every` middle layers;
+  with `middle_share` the dropped layers are not removed but replaced by the kept layer before them
+  (CRaSh's layer sharing), so the hand-out keeps the LLM's depth;
 - channel pruning (GradOT/ScaleOT-style width compression): in every middle layer the hand-out keeps
   `middle_mlp_keep` of the MLP channels, the most important ones on public text
   (`blindtune.models.compression.measure_importance`); the others are zeroed in gate/up/down, so
@@ -32,6 +34,7 @@ class HandoutConfig:
     adapter_layers_per_side: int = 3
     middle_keep_every: int = 3
     middle_mlp_keep: float = 1.0
+    middle_share: bool = False
     public_text: str = "wordnet:adj,adv"
     importance_texts: int = 64
 
@@ -45,10 +48,11 @@ class Handout:
     model: PreTrainedModel
     plan: LayerPlan
     parameter_share: float  # non-zero decoder-layer parameters as a share of the LLM's
+    shared: bool = False  # full depth, dropped layers replaced by shared copies
 
     def layer_map(self, which: str) -> dict[int, int]:
         """Hand-out position -> LLM layer of the layers that get adapters: `ends` or `all`."""
-        position = self.plan.emulator_position_of
+        position = {i: i for i in range(self.plan.num_llm_layers)} if self.shared else self.plan.emulator_position_of
         sources = self.plan.adapter_layers if which == "ends" else self.plan.emulator_layers
         return {position[source]: source for source in sources}
 
@@ -73,4 +77,12 @@ def build_handout(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conf
                 mlp.up_proj.weight[dropped] = 0
                 mlp.down_proj.weight[:, dropped] = 0
     share = _nonzero(decoder_layers(model)) / _nonzero(decoder_layers(llm))
-    return Handout(model, plan, share)
+    if config.middle_share:
+        kept = dict(zip(plan.emulator_layers, decoder_layers(model), strict=True))
+        previous = kept[plan.bottom[-1]]
+        full_depth: list[nn.Module] = []
+        for index in range(plan.num_llm_layers):
+            previous = kept.get(index, previous)
+            full_depth.append(previous)
+        model.get_decoder().layers = nn.ModuleList(full_depth)
+    return Handout(model, plan, share, shared=config.middle_share)

@@ -32,3 +32,12 @@ def test_a_layer_dropped_hand_out_maps_adapters_to_their_llm_layers():
     assert handout.plan.emulator_layers == (0, 1, 2, 4, 6, 7)
     assert handout.layer_map("ends") == {0: 0, 1: 1, 4: 6, 5: 7}
     assert handout.layer_map("all") == {0: 0, 1: 1, 2: 2, 3: 4, 4: 6, 5: 7}
+
+
+def test_a_shared_hand_out_keeps_the_depth_with_the_kept_layers_standing_in_for_the_dropped():
+    llm = tiny_model(num_layers=8, hidden_size=32)
+    config = HandoutConfig(adapter_layers_per_side=2, middle_keep_every=2, middle_share=True)
+    handout = build_handout(llm.model, llm.tokenizer, config)
+    layers = decoder_layers(handout.model)
+    assert len(layers) == 8 and layers[3] is layers[2] and layers[5] is layers[4]
+    assert handout.layer_map("ends") == {0: 0, 1: 1, 6: 6, 7: 7}

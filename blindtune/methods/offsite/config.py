@@ -15,6 +15,9 @@ class OffsiteConfig:
 
     adapter_layers_per_side: the bottom and top k decoder layers form the adapter.
     middle_keep_every: the emulator keeps 1 of every n middle layers (uniform layer drop).
+    middle_mlp_keep: share of the MLP channels each kept middle layer keeps, the most important ones on
+        the public text (training-free channel pruning, as GradOT prunes MLPs; 1: all). See
+        `blindtune.models.handout`.
     train_top_layers: clients train the bottom and the top adapter layers (False: the bottom ones only;
         the top ones ship as frozen copies of the LLM's). Soft prompts train no layers either way.
     adapter: what is trained on the adapter layers (full layers or LoRA), or a soft prompt.
@@ -28,6 +31,7 @@ class OffsiteConfig:
 
     adapter_layers_per_side: int = 3
     middle_keep_every: int = 3
+    middle_mlp_keep: float = 1.0
     train_top_layers: bool = True
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     distill: DistillConfig | None = None

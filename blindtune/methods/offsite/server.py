@@ -2,8 +2,9 @@
 
     blindtune run blindtune/configs/offsite_wordnet_3clients.yaml --out runs/offsite
 
-1. Build the emulator: the LLM with its middle block uniformly sub-sampled; the bottom/top k layers
-   (the adapter) are kept intact so a trained adapter fits the LLM again.
+1. Build the emulator: the LLM with its middle block uniformly sub-sampled and/or its middle MLPs
+   channel-pruned (`blindtune.models.handout`); the bottom/top k layers (the adapter) are kept intact
+   so a trained adapter fits the LLM again.
 2. Hand the emulator (never the LLM) to every client once.
 3. Each round: send the global adapter, collect the clients' trained adapters, screen and FedAvg
    them (weighted by examples), checkpoint, and evaluate the LLM with the adapter plugged in.
@@ -18,8 +19,9 @@ from blindtune.methods.base import ServerResult, ServerRun
 from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.models import load_model
 from blindtune.models.distill import prepare_emulator, public_texts
+from blindtune.models.handout import HandoutConfig, build_handout
 from blindtune.models.loading import LoadedModel
-from blindtune.models.surgery import LayerPlan, build_emulator, num_decoder_layers, plan_layers
+from blindtune.models.surgery import LayerPlan, num_decoder_layers, plan_layers
 
 if TYPE_CHECKING:
     from blindtune.config import RunConfig
@@ -32,8 +34,18 @@ def emulator_plan(llm: LoadedModel, method: OffsiteConfig) -> LayerPlan:
 def handed_out_emulator(llm: LoadedModel, config: RunConfig, progress: bool) -> tuple[LayerPlan, LoadedModel]:
     """The emulator clients receive: layer-dropped, and distilled on public text when configured."""
     method: OffsiteConfig = config.method_config
-    plan = emulator_plan(llm, method)
-    emulator = LoadedModel(build_emulator(llm.model, plan), llm.tokenizer, "emulator")
+    handout = build_handout(
+        llm.model,
+        llm.tokenizer,
+        HandoutConfig(
+            adapter_layers_per_side=method.adapter_layers_per_side,
+            middle_keep_every=method.middle_keep_every,
+            middle_mlp_keep=method.middle_mlp_keep,
+            public_text=method.public_text,
+        ),
+    )
+    plan = handout.plan
+    emulator = LoadedModel(handout.model, llm.tokenizer, "emulator")
     if method.distill is not None:
         prepare_emulator(
             llm.model,
@@ -57,6 +69,7 @@ def run_server(run: ServerRun) -> ServerResult:
     details = {
         "llm_layers": plan.num_llm_layers,
         "emulator_layers": list(plan.emulator_layers),
+        "middle_mlp_keep": method.middle_mlp_keep,
         "distilled": method.distill is not None,
     }
     settings = EmulatorSettings(method.adapter, method.train_top_layers, method.public_text, method.privacy)
