@@ -56,6 +56,7 @@ CONNECTION = "blindtune"  # the SuperLink connection name in the launcher's priv
 LOGS = "logs"
 FLWR_HOME_DIR = ".flwr-home"
 HOST = "127.0.0.1"
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds this blindtune package
 
 
 class DeploymentError(RuntimeError):
@@ -100,6 +101,15 @@ def _check_pem(path: Path, kind: str) -> None:
         raise DeploymentError(f"{path} is not a PEM {kind} ({error})") from None
 
 
+@dataclass(frozen=True)
+class SimulatedNodes:
+    """The SuperLink's own simulation runtime instead of SuperNode processes: virtual SuperNodes
+    (Ray actors) with these resources each (`flwr run --federation-config`)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
 @dataclass
 class DeploymentOptions:
     """How the processes are started.
@@ -114,6 +124,10 @@ class DeploymentOptions:
     threads_per_client: torch/OpenMP threads of each SuperNode's processes (None: cores / clients,
         so co-located clients do not oversubscribe the machine; an OMP_NUM_THREADS already set wins).
     app_progress: progress bars in the app processes' logs.
+    warm_clients: each SuperNode runs its messages in one long-lived process (`warm_client.py`, with
+        `--isolation process`) instead of a new `flwr-clientapp` process per message.
+    simulation: run the clients as virtual SuperNodes of a `flower-superlink --simulation` (Flower's
+        simulation runtime) instead of starting SuperNode processes.
     """
 
     tls: TlsFiles | None = None
@@ -123,6 +137,8 @@ class DeploymentOptions:
     grace_seconds: float = 10.0
     threads_per_client: int | None = None
     app_progress: bool = False
+    warm_clients: bool = True
+    simulation: SimulatedNodes | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +198,8 @@ class Deployment:
             self.options = dataclasses.replace(self.options, tls=self.options.tls.resolved())
         if self.options.node_auth and self.options.tls is None:
             raise DeploymentError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
+        if self.options.node_auth and self.options.simulation is not None:
+            raise DeploymentError("SuperNode authentication does not apply to simulated SuperNodes")
         self.log_dir = self.out_dir / LOGS
         self.processes: list[_Process] = []
         self.superlink_port = 0
@@ -219,15 +237,21 @@ class Deployment:
         started = time.monotonic()
         superlink = self._spawn("superlink", self.superlink_command(), self._env())
         self._wait_until(self._superlink_ready, [superlink], "the SuperLink to answer")
+        if self.options.simulation is not None:  # its virtual SuperNodes come with each run
+            log.info(
+                "simulation SuperLink up in %.1f s on %s:%d", time.monotonic() - started, HOST, self.superlink_port
+            )
+            return
         keys = self._make_node_keys() if self.options.node_auth else [None] * self.num_clients
         for key in keys:
             if key is not None:
                 self._flwr(["supernode", "register", str(key.with_suffix(".pub")), CONNECTION], "register a node key")
         threads = self.options.threads_per_client or max(1, (os.cpu_count() or 1) // self.num_clients)
-        supernodes = [
-            self._spawn(f"supernode-{i}", self.supernode_command(i, key), self._env(threads))
-            for i, key in enumerate(keys)
-        ]
+        supernodes = []
+        for i, key in enumerate(keys):
+            supernodes.append(self._spawn(f"supernode-{i}", self.supernode_command(i, key), self._env(threads)))
+            if self.options.warm_clients:
+                supernodes.append(self._spawn(f"clientapp-{i}", self.warm_client_command(i), self._env(threads)))
         self._wait_until(self._all_nodes_online, [superlink, *supernodes], f"{self.num_clients} SuperNodes to connect")
         log.info(
             "deployment up in %.1f s: SuperLink %s:%d, %d SuperNodes",
@@ -289,9 +313,17 @@ class Deployment:
         )
         run_config = self._home / "run_config.toml"
         run_config.write_text(tomli_w.dumps(entries))
-        output = self._flwr(
-            ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], "submit the run"
-        )
+        command = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"]
+        if (simulation := self.options.simulation) is not None:
+            federation = {
+                "num-supernodes": self.num_clients,
+                "client-resources-num-cpus": simulation.cpus,
+                "client-resources-num-gpus": simulation.gpus,
+                "init-args-logging-level": "WARNING",
+                "verbose": log.isEnabledFor(logging.DEBUG),
+            }
+            command += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation.items())]
+        output = self._flwr(command, "submit the run")
         reply = _json_in(output)
         if not reply.get("success") or reply.get("run-id") is None:
             raise DeploymentError(f"`flwr run` did not start the run: {output.strip()}")
@@ -357,6 +389,8 @@ class Deployment:
             command += ["--ssl-keyfile", str(tls.server_key)]
         if self.options.node_auth:
             command.append("--enable-supernode-auth")
+        if self.options.simulation is not None:
+            command.append("--simulation")
         return command
 
     def supernode_command(self, partition_id: int, private_key: Path | None = None) -> list[str]:
@@ -367,7 +401,21 @@ class Deployment:
         command += ["--node-config", f"partition-id={partition_id} num-partitions={self.num_clients}"]
         if private_key is not None:
             command += ["--auth-supernode-private-key", str(private_key)]
+        if self.options.warm_clients:
+            command += ["--isolation", "process"]  # the node's ClientApp process is `warm_client_command`
         return command
+
+    def warm_client_command(self, partition_id: int) -> list[str]:
+        """The long-lived ClientApp process of SuperNode `partition_id` (on its loopback runtime API)."""
+        address = f"{HOST}:{self.supernode_ports[partition_id]}"
+        return [
+            sys.executable,
+            "-m",
+            "blindtune.federation.warm_client",
+            "--runtime-api-address",
+            address,
+            "--insecure",
+        ]
 
     def _env(self, threads: int | None = None) -> dict[str, str]:
         assert self._home is not None
@@ -379,6 +427,8 @@ class Deployment:
             PYTHONUNBUFFERED="1",
             # Flower starts `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name.
             PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            # The processes run the launcher's blindtune, also from a source checkout.
+            PYTHONPATH=os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH", "")])),
         )
         if threads is not None:
             for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

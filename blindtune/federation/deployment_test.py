@@ -249,8 +249,13 @@ def test_two_client_deployment_end_to_end(tiny_model_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
     logs = tmp_path / "logs"
     assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-0.log", "supernode-1.log", "serverapp.log"}
-    # Each SuperNode ran its own ClientApp processes on its own partition.
+    # Each SuperNode ran its own ClientApp on its own partition: all its messages (setup, 2 rounds) in one
+    # long-lived process, which started once.
     assert (tmp_path / "clients" / "client-0").is_dir() and (tmp_path / "clients" / "client-1").is_dir()
+    for node in (0, 1):
+        clientapp_log = (logs / f"clientapp-{node}.log").read_text()
+        assert clientapp_log.count("message handled") == 3 and clientapp_log.count("first message") == 1
+    assert "flwr-clientapp" not in (logs / "supernode-0.log").read_text()
 
 
 @pytest.mark.slow

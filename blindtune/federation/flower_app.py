@@ -25,9 +25,9 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -40,8 +40,10 @@ from blindtune.config import (
     resolve_config,
     run_config_from_dict,
 )
+from blindtune.federation.engine import AppsBuilder
 
 log = logging.getLogger(__name__)
+_flower_log = logging.getLogger("flwr")  # a ClientApp process shows only Flower's logger's lines
 
 CONFIG_JSON = "blindtune-config"
 CONFIG_FILE = "config-file"
@@ -52,9 +54,6 @@ WAIT_FOR_NODES = "wait-for-nodes-seconds"
 WORKDIR = "workdir"
 
 DEFAULT_WAIT_FOR_NODES_SECONDS = 300.0
-
-# (config, out_dir, progress, resume) -> the ServerApp and ClientApp that run it in this process.
-AppsBuilder = Callable[[RunConfig, Path, bool, bool], tuple[ServerApp, ClientApp]]
 
 
 def run_config_entries(
@@ -113,11 +112,19 @@ class DeployedApps:
 
     def __init__(self, method_sections: MethodSections, build: AppsBuilder) -> None:
         self.method_sections = method_sections
-        self._build = functools.lru_cache(maxsize=4)(self._build_from_json)
         self._apps_builder = build
+        self._build = functools.lru_cache(maxsize=4)(self._build_from_json)
         self.server_app = ServerApp()
         self.server_app.main()(self._server_main)
         self.client_app = _RunConfiguredClientApp(self)
+        self.messages_seen = 0
+
+    def __getstate__(self) -> dict:
+        # Flower's simulation runtime pickles the ClientApp into its Ray actors: each rebuilds its apps.
+        return {"method_sections": self.method_sections, "build": self._apps_builder}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["method_sections"], state["build"])  # type: ignore[misc]
 
     def _build_from_json(
         self, config_json: str, out_dir: str, progress: bool, resume: bool
@@ -156,8 +163,16 @@ class _RunConfiguredClientApp(ClientApp):
         self._apps = apps
 
     def __call__(self, message: Message, context: Context) -> Message:
+        if not self._apps.messages_seen:  # a new process per message pays this before every message
+            _flower_log.info(
+                "first message %.1f s after this process started", time.time() - psutil.Process().create_time()
+            )
+        self._apps.messages_seen += 1
         workdir = context.node_config.get(WORKDIR)
         _, inner_client_app = self._apps.apps_for(
             context, Path(str(workdir)).expanduser().resolve() if workdir else None
         )
-        return inner_client_app(message, context)
+        started = time.perf_counter()
+        reply = inner_client_app(message, context)
+        _flower_log.info("%s message handled in %.1f s", message.metadata.message_type, time.perf_counter() - started)
+        return reply
