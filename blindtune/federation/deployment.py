@@ -48,7 +48,8 @@ import tomli_w
 
 from blindtune.config import RunConfig
 from blindtune.federation.apps import FEDERATION_RESULT
-from blindtune.federation.flower_app import run_config_entries
+from blindtune.federation.engine import DATA, NUM_PARTITIONS, PARTITION_ID
+from blindtune.federation.flower_app import WORKDIR, run_config_entries
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,9 @@ class _Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
+    command: list[str]
+    env: dict[str, str]
+    restarts_left: int = 0
 
     def tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
@@ -251,7 +255,8 @@ class Deployment:
         for i, key in enumerate(keys):
             supernodes.append(self._spawn(f"supernode-{i}", self.supernode_command(i, key), self._env(threads)))
             if self.options.warm_clients:
-                supernodes.append(self._spawn(f"clientapp-{i}", self.warm_client_command(i), self._env(threads)))
+                clientapp = self._spawn(f"clientapp-{i}", self.warm_client_command(i), self._env(threads), 3)
+                supernodes.append(clientapp)
         self._wait_until(self._all_nodes_online, [superlink, *supernodes], f"{self.num_clients} SuperNodes to connect")
         log.info(
             "deployment up in %.1f s: SuperLink %s:%d, %d SuperNodes",
@@ -393,29 +398,23 @@ class Deployment:
             command.append("--simulation")
         return command
 
-    def supernode_command(self, partition_id: int, private_key: Path | None = None) -> list[str]:
-        command = [flower_command("flower-supernode"), "--superlink", f"{HOST}:{self.superlink_port}"]
+    def node_settings(self, partition_id: int, private_key: Path | None = None) -> SuperNodeSettings:
         tls = self.options.tls
-        command += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
-        command += ["--host", HOST, "--port", str(self.supernode_ports[partition_id])]
-        command += ["--node-config", f"partition-id={partition_id} num-partitions={self.num_clients}"]
-        if private_key is not None:
-            command += ["--auth-supernode-private-key", str(private_key)]
-        if self.options.warm_clients:
-            command += ["--isolation", "process"]  # the node's ClientApp process is `warm_client_command`
-        return command
+        return SuperNodeSettings(
+            superlink=f"{HOST}:{self.superlink_port}",
+            partition_id=partition_id,
+            num_partitions=self.num_clients,
+            root_certificates=None if tls is None else tls.ca_cert,
+            auth_key=private_key,
+            runtime_address=f"{HOST}:{self.supernode_ports[partition_id]}",
+            warm=self.options.warm_clients,
+        )
+
+    def supernode_command(self, partition_id: int, private_key: Path | None = None) -> list[str]:
+        return supernode_command(self.node_settings(partition_id, private_key))
 
     def warm_client_command(self, partition_id: int) -> list[str]:
-        """The long-lived ClientApp process of SuperNode `partition_id` (on its loopback runtime API)."""
-        address = f"{HOST}:{self.supernode_ports[partition_id]}"
-        return [
-            sys.executable,
-            "-m",
-            "blindtune.federation.warm_client",
-            "--runtime-api-address",
-            address,
-            "--insecure",
-        ]
+        return warm_client_command(self.node_settings(partition_id))
 
     def _env(self, threads: int | None = None) -> dict[str, str]:
         assert self._home is not None
@@ -455,12 +454,19 @@ class Deployment:
             keys.append(path)
         return keys
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> _Process:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str], restarts: int = 0) -> _Process:
+        """Start `command`; if it ends before the deployment does, start it again up to `restarts` times."""
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("wb")
+        process = _Process(name, self._popen(command, env, log_file), log_path, log_file, command, env, restarts)
+        self.processes.append(process)
+        log.info("started %s (pid %d): %s", name, process.popen.pid, " ".join(command))
+        return process
+
+    def _popen(self, command: list[str], env: dict[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
         log_file.write(f"$ {' '.join(command)}\n".encode())
         log_file.flush()
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -470,10 +476,6 @@ class Deployment:
             start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches only the launcher
             preexec_fn=_die_with_parent(),
         )
-        process = _Process(name, popen, log_path, log_file)
-        self.processes.append(process)
-        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(command))
-        return process
 
     def _flwr(self, args: list[str], what: str, timeout: float = 120.0) -> str:
         command = [flower_command("flwr"), *args]
@@ -529,10 +531,119 @@ class Deployment:
     def _check_alive(self, processes: list[_Process]) -> None:
         for process in processes:
             code = process.popen.poll()
-            if code is not None:
+            if code is not None and process.restarts_left > 0:
+                # A warm ClientApp process that died (killed, out of memory): its SuperNode keeps the node
+                # in the federation, and a new process rebuilds the client from its work directory.
+                process.restarts_left -= 1
+                log.warning("%s exited with code %s: starting it again", process.name, code)
+                process.popen = self._popen(process.command, process.env, process.log_file)
+            elif code is not None:
                 raise DeploymentError(
                     f"{process.name} exited with code {code}; last lines of {process.log_path}:\n{process.tail()}"
                 )
+
+
+# one SuperNode, as its organisation runs it -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuperNodeSettings:
+    """One client organisation's SuperNode (`blindtune supernode`, and each node `Deployment` starts).
+
+    superlink: HOST:PORT of the SuperLink. partition_id / num_partitions: which client this is, of how
+    many (`--node-config`). data: the organisation's own files, in the run's task format (None: its
+    slice of the task the run config names, as in a simulation). workdir: its own storage (None: the
+    run's out-dir). root_certificates: the CA the SuperLink's certificate is signed by (None:
+    `--insecure`). auth_key: its private key for SuperNode authentication. runtime_address: where the
+    SuperNode serves its ClientApp process (loopback). warm: one long-lived ClientApp process.
+    """
+
+    superlink: str
+    partition_id: int
+    num_partitions: int
+    data: Path | None = None
+    workdir: Path | None = None
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    runtime_address: str = f"{HOST}:9094"
+    warm: bool = True
+
+    def node_config(self) -> str:
+        entries: dict[str, object] = {PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions}
+        if self.data is not None:
+            entries[DATA] = str(self.data)
+        if self.workdir is not None:
+            entries[WORKDIR] = str(self.workdir)
+        return " ".join(f"{key}={json.dumps(value)}" for key, value in entries.items())
+
+
+def supernode_command(node: SuperNodeSettings) -> list[str]:
+    """`flower-supernode` for `node`."""
+    host, port = node.runtime_address.rsplit(":", 1)
+    command = [flower_command("flower-supernode"), "--superlink", node.superlink]
+    command += (
+        ["--insecure"] if node.root_certificates is None else ["--root-certificates", str(node.root_certificates)]
+    )
+    command += ["--host", host, "--port", port, "--node-config", node.node_config()]
+    if node.auth_key is not None:
+        command += ["--auth-supernode-private-key", str(node.auth_key)]
+    if node.warm:
+        command += ["--isolation", "process"]  # the node's ClientApp process is `warm_client_command`
+    return command
+
+
+def warm_client_command(node: SuperNodeSettings) -> list[str]:
+    """The long-lived ClientApp process of `node` (on its loopback runtime API, plain HTTP)."""
+    return [
+        sys.executable,
+        "-m",
+        "blindtune.federation.warm_client",
+        "--insecure",
+        "--runtime-api-address",
+        node.runtime_address,
+    ]
+
+
+def run_supernode(node: SuperNodeSettings, grace_seconds: float = 10.0) -> int:
+    """Run `node`'s SuperNode (and its warm ClientApp process) in the foreground until one of them
+    ends, Ctrl-C or SIGTERM; then stop the other. Returns the SuperNode's exit code (130: interrupted)."""
+    commands = [supernode_command(node)] + ([warm_client_command(node)] if node.warm else [])
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH", "")]))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with _signals_raise():
+            for command in commands:
+                log.info("starting: %s", " ".join(command))
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent(),
+                    )
+                )
+            while all(process.poll() is None for process in processes):
+                time.sleep(0.5)
+            return int(processes[0].wait())
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        trees = [(process, _descendants(process.pid)) for process in processes]
+        for process, children in trees:
+            _signal_tree(process, children, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        for process, children in trees:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _wait_gone(children, deadline)
+            if process.poll() is None or any(_alive(child) for child in children):
+                _signal_tree(process, children, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
 
 
 def app_pyproject(app: AppComponents) -> str:
@@ -560,6 +671,7 @@ def app_pyproject(app: AppComponents) -> str:
                         "progress": False,
                         "resume": False,
                         "wait-for-nodes-seconds": 300.0,
+                        "clients-from-federation": False,
                     },
                 }
             }

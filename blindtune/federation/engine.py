@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # Node config keys: which private slice of the task a (virtual) SuperNode's organisation holds.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+DATA = "data"  # the organisation's own files (a deployment's SuperNode), instead of its simulated slice
 
 # (config, out_dir, progress, resume) -> the ServerApp and ClientApp that run it in this process.
 AppsBuilder = Callable[["RunConfig", Path, bool, bool], tuple[ServerApp, ClientApp]]
