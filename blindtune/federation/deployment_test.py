@@ -324,7 +324,7 @@ def test_interrupted_launcher_leaves_no_processes(tmp_path):
 @pytest.mark.slow
 def test_dead_process_is_reported_with_its_log(tmp_path):
     with Deployment(tmp_path, 1, DeploymentOptions(startup_timeout_seconds=90)) as deployment:
-        supernode = deployment.processes[-1]
+        (supernode,) = [process for process in deployment.processes if process.name == "supernode-0"]
         supernode.popen.send_signal(signal.SIGKILL)
         supernode.popen.wait(timeout=10)
         with pytest.raises(DeploymentError, match="supernode-0 exited") as error:
