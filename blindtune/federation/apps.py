@@ -28,7 +28,7 @@ from blindtune.data.task import is_user_task
 from blindtune.federation.adapter_rounds import TRAINED_IDS_FILE
 from blindtune.federation.engine import DATA, NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
-from blindtune.federation.rounds import Exchange, RunInterrupted
+from blindtune.federation.rounds import Exchange
 from blindtune.federation.secagg import client_mods
 from blindtune.models.device import placed
 from blindtune.privacy.accountant import reset_accountant
@@ -170,7 +170,7 @@ def build_apps(
             with placed(config.placement()), server_privacy(config.privacy) as policy:
                 record.result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             record.status, record.error = "completed", None
-        except (KeyboardInterrupt, RunInterrupted):  # Ctrl-C: what finished is in the checkpoints
+        except KeyboardInterrupt:  # Ctrl-C: what finished is in the checkpoints
             record.status, record.error = "interrupted", "interrupted by the user"
             raise
         except Exception as error:  # record why the run stopped, then let the engine see the error
