@@ -3,14 +3,19 @@
 Every party is its own operating-system process on loopback, as it would be on separate machines:
 
     flower-superlink  --host 127.0.0.1 --port P  (--insecure | --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile)
-    flower-supernode  --superlink 127.0.0.1:P --port Q_i --node-config "partition-id=i num-partitions=N"
+    flower-supernode  --superlink 127.0.0.1:P --host 127.0.0.1 --port Q_i --isolation process
+                      --node-config "partition-id=i num-partitions=N"
                       (--insecure | --root-certificates CA)  [--auth-supernode-private-key KEY_i]
+    python -m blindtune.federation.warm_client --insecure --runtime-api-address 127.0.0.1:Q_i
     flwr run APP blindtune --run-config RUN_CONFIG.toml --format json
 
-The SuperLink starts the ServerApp and each SuperNode its ClientApp in subprocesses; the caller
-names them (`AppComponents`; blindtune's are `blindtune.runner:server_app` / `client_app`, which
-rebuild the method's apps from the run config). Flower 1.41 serves the Fleet, Control and runtime
-APIs of the SuperLink over HTTP(S) on one port.
+The SuperLink starts the ServerApp in a subprocess; each SuperNode's messages run in its one warm
+ClientApp process (`warm_client.py`). The caller names the apps (`AppComponents`; blindtune's are
+`blindtune.runner:server_app` / `client_app`, which rebuild the method's apps from the run config).
+Flower 1.42 serves the Fleet, Control and runtime APIs of the SuperLink over HTTP(S) on one port.
+With `DeploymentOptions.simulation` the SuperLink runs Flower's simulation runtime instead of
+SuperNode processes (the `simulation` engine). `run_supernode` runs one organisation's SuperNode on
+another host (`blindtune supernode`).
 
 `run_deployment` runs the federation of one run config; `blindtune.runner.launch` runs a whole
 experiment this way (federation, baselines, results.json, report.md). Every process
