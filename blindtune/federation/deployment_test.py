@@ -585,3 +585,37 @@ def test_killed_client_process_is_restarted_and_rebuilds_from_its_work_directory
     log_text = (tmp_path / "logs" / "clientapp-1.log").read_text()
     assert log_text.count("$ ") == 2 and log_text.count("first message") == 2, log_text[-2000:]
     assert not pid_alive(killed[0])
+
+
+@pytest.mark.slow
+def test_secure_aggregation_on_warm_clients_gives_the_in_process_aggregate(tiny_model_dir, tmp_path):
+    """SecAgg+ keeps its per-client state in Flower's Context between messages: warm ClientApp processes
+    hand it back to their SuperNodes as `flwr-clientapp` does, so the deployed run aggregates the same
+    client updates (up to SecAgg+'s stochastic rounding to its quantisation step)."""
+    from safetensors.torch import load_file
+
+    from blindtune.conftest import tiny_run_config
+    from blindtune.privacy.config import SecAggConfig
+    from blindtune.runner import run_experiment
+
+    overrides = {
+        "federation": {"num_clients": 3, "rounds": 1},
+        "privacy": {"secagg": {"enabled": True}},
+        "eval": {"every_round": False},
+        "baselines": {"centralized": False, "local_only": False},
+    }
+    config = tiny_run_config("offsite", tiny_model_dir, overrides)
+    in_process = run_experiment(config, tmp_path / "in-process", progress=False)
+    deployed = launch(config, tmp_path / "launch", progress=False)
+    final = "checkpoints/round-0001/adapter.safetensors"
+    expected, got = load_file(tmp_path / "in-process" / final), load_file(tmp_path / "launch" / final)
+    assert expected.keys() == got.keys()
+    # Each run is within len(clients) steps / summed scales of the plain mean (secagg_test.py): so within twice that.
+    step = deployed["privacy"]["secagg"]["quantization_step"]
+    scales = [row["num_examples"] / SecAggConfig().max_weight for row in deployed["clients"]]
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 2 * len(scales) * step / sum(scales)
+    assert sorted(row["train_loss"] for row in deployed["clients"]) == sorted(
+        row["train_loss"] for row in in_process["clients"]
+    )
+    assert deployed["failures"] == [] and deployed["privacy"]["secagg"]["enabled"]
+    assert "adapter" not in deployed["cost"]["bytes_by_kind"]["to_server"]  # masked vectors only
