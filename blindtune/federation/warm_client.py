@@ -60,23 +60,12 @@ class RuntimeApi:
         )
 
 
-@dataclass
-class TaskTiming:
-    """One message: `startup_seconds` from taking the task to the ClientApp starting on it."""
-
-    task_id: int
-    message_type: str
-    startup_seconds: float
-    run_seconds: float
-
-
 class WarmClient:
     """Takes a SuperNode's ClientApp tasks and runs each in this process; apps load once per FAB."""
 
     def __init__(self, runtime: RuntimeApi) -> None:
         self.runtime = runtime
         self._apps: dict[str, ClientApp] = {}
-        self.timings: list[TaskTiming] = []
 
     def serve(self, stop: threading.Event, poll_seconds: float = 0.05) -> None:
         """Run tasks until `stop` is set."""
@@ -109,14 +98,12 @@ class WarmClient:
             started = time.perf_counter()
             reply = client_app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
-            timing = TaskTiming(task_id, message.metadata.message_type, started - taken, time.perf_counter() - started)
-            self.timings.append(timing)
             log.info(
                 "task %d (%s): ClientApp started %.2f s after the task was taken, ran %.1f s",
-                timing.task_id,
-                timing.message_type,
-                timing.startup_seconds,
-                timing.run_seconds,
+                task_id,
+                message.metadata.message_type,
+                started - taken,
+                time.perf_counter() - started,
             )
         except Exception as error:  # the node answers with an error and this process takes the next task
             log.exception("ClientApp raised an exception")
