@@ -215,6 +215,9 @@ class Deployment:
         self.supernode_ports: list[int] = []
         self._home: Path | None = None
         self._stopped = False
+        # Every descendant seen while the processes ran: a killed SuperLink's SuperExec and ServerApp
+        # (the SuperExec leads a session of its own) are no longer anyone's descendants when we stop.
+        self._seen: dict[int, Any] = {}
 
     # lifecycle -------------------------------------------------------------------------------------
 
@@ -277,10 +280,21 @@ class Deployment:
             return
         self._stopped = True
         _LIVE.discard(self)
-        trees = [(process, _descendants(process.popen.pid)) for process in reversed(self.processes)]
+        trees = [(process, _tree(process.popen.pid)) for process in reversed(self.processes)]
+        in_trees = {child.pid for _, children in trees for child in children}
+        orphans = [child for pid, child in self._seen.items() if pid not in in_trees and _alive(child)]
         for process, children in trees:
             _signal_tree(process.popen, children, signal.SIGTERM)
+        for orphan in orphans:
+            with contextlib.suppress(Exception):
+                orphan.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.options.grace_seconds
+        _wait_gone(orphans, deadline)
+        for orphan in orphans:
+            if _alive(orphan):
+                log.warning("pid %d did not stop within %.0f s: killing it", orphan.pid, self.options.grace_seconds)
+                with contextlib.suppress(Exception):
+                    orphan.kill()
         for process, children in trees:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -534,6 +548,8 @@ class Deployment:
             time.sleep(0.5)
 
     def _check_alive(self, processes: list[_Process]) -> None:
+        for process in self.processes:
+            self._seen.update((child.pid, child) for child in _descendants(process.popen.pid))
         for process in processes:
             code = process.popen.poll()
             if code is not None and process.restarts_left > 0:
@@ -637,7 +653,7 @@ def run_supernode(node: SuperNodeSettings, grace_seconds: float = 10.0) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        trees = [(process, _descendants(process.pid)) for process in processes]
+        trees = [(process, _tree(process.pid)) for process in processes]
         for process, children in trees:
             _signal_tree(process, children, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
@@ -779,12 +795,25 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 def _descendants(pid: int) -> list[Any]:
-    try:
-        import psutil
+    import psutil
 
+    try:
         return list(psutil.Process(pid).children(recursive=True))
-    except Exception:  # the process is gone, or psutil is missing: its process group still gets signalled
+    except psutil.Error:  # the process is gone: its process group still gets signalled
         return []
+
+
+def _tree(pid: int) -> list[Any]:
+    """The descendants of `pid`, and every other member of the process group it leads (orphans of a
+    killed member stay in the group but are no longer its descendants)."""
+    import psutil
+
+    members = {child.pid: child for child in _descendants(pid)}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid != pid and os.getpgid(process.pid) == pid:
+                members.setdefault(process.pid, process)
+    return list(members.values())
 
 
 def _alive(process: Any) -> bool:

@@ -619,3 +619,39 @@ def test_secure_aggregation_on_warm_clients_gives_the_in_process_aggregate(tiny_
     )
     assert deployed["failures"] == [] and deployed["privacy"]["secagg"]["enabled"]
     assert "adapter" not in deployed["cost"]["bytes_by_kind"]["to_server"]  # masked vectors only
+
+
+@pytest.mark.slow
+def test_killed_superlink_ends_the_launch_and_resume_finishes_the_run(tiny_model_dir, tmp_path):
+    """The SuperLink is killed after round 1: `blindtune launch` fails with its log and leaves no process;
+    `blindtune launch --resume` continues after round 1 and finishes the run."""
+    import psutil
+    import yaml
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, rounds=3).to_dict()))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "blindtune.cli", "launch", str(config_file), "--out", str(out)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "round-0001" / "meta.json").is_file():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the launch ended before round 1"
+            time.sleep(0.2)
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+        (superlink,) = [p for p in descendants if "flower-superlink" in " ".join(p.cmdline())]
+        superlink.kill()
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 2 and "superlink exited" in output, output[-3000:]
+    assert not (out / "results.json").exists()
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == [], alive
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [row["round"] for row in history] == [1, 2, 3]
+    assert (out / "checkpoints" / "round-0003" / "adapter.safetensors").is_file()
