@@ -354,6 +354,56 @@ def launch(
 
 
 @app.command()
+def supernode(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")],
+    partition_id: Annotated[int, typer.Option(help="Which client this organisation is: 0 .. num-partitions-1.")],
+    num_partitions: Annotated[int, typer.Option(help="How many clients the run has (federation.num_clients).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Your own data, in the run's task format (default: the task's slice).")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Your client's storage (default: the run's out-dir).")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate (PEM) of the SuperLink's TLS.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP to the SuperLink (tests on one machine only).")] = False,
+    auth_key: Annotated[Path | None, typer.Option(help="Private key for SuperNode authentication.")] = None,
+    runtime_address: Annotated[
+        str, typer.Option(help="Loopback HOST:PORT for this node's ClientApp process.")
+    ] = "127.0.0.1:9094",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run one client organisation's Flower SuperNode (and its warm ClientApp process) on your own data."""
+    from blindtune.federation.deployment import (
+        SuperNodeSettings,
+        run_supernode,
+        supernode_command,
+        warm_client_command,
+    )
+
+    _setup_logging(verbose)
+    if insecure == (root_certificates is not None):
+        raise typer.BadParameter("give --root-certificates (TLS) or --insecure", param_hint="--root-certificates")
+    if not 0 <= partition_id < num_partitions:
+        raise typer.BadParameter(f"must be in 0..{num_partitions - 1}", param_hint="--partition-id")
+    for name, path in (("--data", data), ("--root-certificates", root_certificates), ("--auth-key", auth_key)):
+        if path is not None and not path.exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint=name)
+    node = SuperNodeSettings(
+        superlink=superlink,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        data=None if data is None else data.resolve(),
+        workdir=None if workdir is None else workdir.resolve(),
+        root_certificates=None if root_certificates is None else root_certificates.resolve(),
+        auth_key=None if auth_key is None else auth_key.resolve(),
+        runtime_address=runtime_address,
+    )
+    console.print(f"$ {' '.join(supernode_command(node))}\n$ {' '.join(warm_client_command(node))}", soft_wrap=True)
+    code = run_supernode(node)
+    if code == 130:
+        console.print("[yellow]interrupted:[/yellow] the SuperNode and its ClientApp process are stopped")
+    raise typer.Exit(code)
+
+
+@app.command()
 def audit(
     runs: Annotated[list[Path], typer.Argument(help="Finished run directories (with results.json, checkpoints/).")],
     membership: Annotated[bool, typer.Option(help="Membership inference on the adapted LLM.")] = True,

@@ -59,12 +59,10 @@ def method_apps(
 
 
 def local_federation(progress: bool = True) -> FederationRunner:
-    """The federation on `federation.engine` (in this process, or Flower's simulation engine)."""
+    """The federation on `federation.engine` (in this process, or Flower's simulation runtime)."""
 
     def run(config: RunConfig, out_dir: Path, resume: bool) -> None:
-        server_app, client_app = method_apps(config, out_dir, progress, resume)
-        gpu = config.placement().gpu  # simulated clients share the GPU
-        run_federation(server_app, client_app, config.federation.num_clients, config.federation.engine, gpu)
+        run_federation(config, out_dir, resume, method_apps, FLOWER_APP, progress)
 
     return run
 

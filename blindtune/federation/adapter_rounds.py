@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,7 @@ def run_rounds(
                 ),
             }
         )
+        sent = time.perf_counter()
         if secagg is not None:  # the server learns only the clients' weighted mean
             mean, replies = secure_round(
                 exchange,
@@ -145,10 +147,12 @@ def run_rounds(
                 settings.min_replies,
                 secagg,
             )
+            round_seconds = time.perf_counter() - sent
             outcome.state = {**outcome.state, **mean}
             kept_nodes = set(replies)
         else:
             replies = exchange.send(MessageKind.TRAIN, same_for_all(content), nodes, round_number, settings.min_replies)
+            round_seconds = time.perf_counter() - sent
             updates = [
                 ClientUpdate(
                     node,
@@ -194,6 +198,7 @@ def run_rounds(
             "train_loss": sum(losses) / len(losses) if losses else None,  # None: not released under DP
             "bytes_to_clients": bytes_this_round[Direction.TO_CLIENTS],
             "bytes_to_server": bytes_this_round[Direction.TO_SERVER],
+            **round_timing(round_seconds, replies.values()),
         }
         if dp_epsilon is not None:
             row["dp_epsilon"] = dp_epsilon
@@ -263,6 +268,22 @@ def trained_ids(workdir: Path) -> list[int]:
     """The indices a client recorded with `record_trained` (empty when it recorded none)."""
     path = workdir / TRAINED_IDS_FILE
     return list(json.loads(path.read_text())) if path.is_file() else []
+
+
+def round_timing(round_seconds: float, replies: Iterable[RecordDict]) -> dict[str, float]:
+    """How a round's time went: `round_seconds` from sending the round to the last reply, the
+    clients' mean training time in it, and their mean idle time (the round's time not spent
+    training: starting up, loading, waiting for a core or for the others)."""
+    metrics = [reply.metric_records.get(RecordKey.METRICS) for reply in replies]
+    train = [float(m["train_seconds"]) for m in metrics if m is not None and "train_seconds" in m]  # type: ignore[arg-type]
+    if not train:
+        return {"round_seconds": round_seconds}
+    mean_train = sum(train) / len(train)
+    return {
+        "round_seconds": round_seconds,
+        "client_train_seconds": mean_train,
+        "client_idle_seconds": max(0.0, round_seconds - mean_train),
+    }
 
 
 def same_for_all(content: RecordDict) -> Callable[[int], RecordDict]:

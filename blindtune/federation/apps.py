@@ -22,12 +22,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from blindtune.config import RunConfig
-from blindtune.data import Example
+from blindtune.data import Example, load_task
 from blindtune.data.partition import partition
+from blindtune.data.task import is_user_task
 from blindtune.federation.adapter_rounds import TRAINED_IDS_FILE
-from blindtune.federation.engine import NUM_PARTITIONS, PARTITION_ID
+from blindtune.federation.engine import DATA, NUM_PARTITIONS, PARTITION_ID
 from blindtune.federation.records import MessageKind
-from blindtune.federation.rounds import Exchange, RunInterrupted
+from blindtune.federation.rounds import Exchange
 from blindtune.federation.secagg import client_mods
 from blindtune.models.device import placed
 from blindtune.privacy.accountant import reset_accountant
@@ -130,6 +131,20 @@ def client_partitions(config: RunConfig) -> list[list[Example]]:
     return partition(task.train, federation.num_clients, federation.partition, federation.dirichlet_alpha, config.seed)
 
 
+def own_examples(config: RunConfig, path: Path) -> list[Example]:
+    """A client organisation's own train examples: the train (and validation) rows of `path`, files in
+    the format of the run's task. For a registered task, what its `data_dir` holds (e.g. gsm8k's
+    train.jsonl/test.jsonl); for a task given as files, a .jsonl/.csv file or a folder like them (a
+    single file is split 80/10/10 as everywhere: its test tenth is not trained on)."""
+    if not path.exists():
+        raise FileNotFoundError(f"this client's data {path} does not exist")
+    if is_user_task(config.task):
+        task = load_task(str(path), None, config.seed, config.task_template, config.choice_prefix)
+    else:
+        task = load_task(config.task, path, config.seed)
+    return [*task.train, *task.validation]
+
+
 def build_apps(
     config: RunConfig,
     method: FederatedMethod,
@@ -155,7 +170,7 @@ def build_apps(
             with placed(config.placement()), server_privacy(config.privacy) as policy:
                 record.result = method.server(ServerRun(config, exchange, out_dir, progress, resume))
             record.status, record.error = "completed", None
-        except (KeyboardInterrupt, RunInterrupted):  # Ctrl-C: what finished is in the checkpoints
+        except KeyboardInterrupt:  # Ctrl-C: what finished is in the checkpoints
             record.status, record.error = "interrupted", "interrupted by the user"
             raise
         except Exception as error:  # record why the run stopped, then let the engine see the error
@@ -179,7 +194,9 @@ def build_apps(
             )
         workdir = out_dir / "clients" / f"client-{partition_id}"
         workdir.mkdir(parents=True, exist_ok=True)
-        examples = client_partitions(config)[partition_id][: config.privacy.audit.limit_client_examples]
+        own_data = context.node_config.get(DATA)
+        examples = own_examples(config, Path(str(own_data))) if own_data else client_partitions(config)[partition_id]
+        examples = examples[: config.privacy.audit.limit_client_examples]
         run = ClientRun(config=config, partition_id=partition_id, examples=examples, workdir=workdir)
         kind = MessageKind(message.metadata.message_type)
         if kind is MessageKind.SETUP and not resume:

@@ -3,14 +3,19 @@
 Every party is its own operating-system process on loopback, as it would be on separate machines:
 
     flower-superlink  --host 127.0.0.1 --port P  (--insecure | --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile)
-    flower-supernode  --superlink 127.0.0.1:P --port Q_i --node-config "partition-id=i num-partitions=N"
+    flower-supernode  --superlink 127.0.0.1:P --host 127.0.0.1 --port Q_i --isolation process
+                      --node-config "partition-id=i num-partitions=N"
                       (--insecure | --root-certificates CA)  [--auth-supernode-private-key KEY_i]
+    python -m blindtune.federation.warm_client --insecure --runtime-api-address 127.0.0.1:Q_i
     flwr run APP blindtune --run-config RUN_CONFIG.toml --format json
 
-The SuperLink starts the ServerApp and each SuperNode its ClientApp in subprocesses; the caller
-names them (`AppComponents`; blindtune's are `blindtune.runner:server_app` / `client_app`, which
-rebuild the method's apps from the run config). Flower 1.41 serves the Fleet, Control and runtime
-APIs of the SuperLink over HTTP(S) on one port.
+The SuperLink starts the ServerApp in a subprocess; each SuperNode's messages run in its one warm
+ClientApp process (`warm_client.py`). The caller names the apps (`AppComponents`; blindtune's are
+`blindtune.runner:server_app` / `client_app`, which rebuild the method's apps from the run config).
+Flower 1.42 serves the Fleet, Control and runtime APIs of the SuperLink over HTTP(S) on one port.
+With `DeploymentOptions.simulation` the SuperLink runs Flower's simulation runtime instead of
+SuperNode processes (the `simulation` engine). `run_supernode` runs one organisation's SuperNode on
+another host (`blindtune supernode`).
 
 `run_deployment` runs the federation of one run config; `blindtune.runner.launch` runs a whole
 experiment this way (federation, baselines, results.json, report.md). Every process
@@ -48,7 +53,8 @@ import tomli_w
 
 from blindtune.config import RunConfig
 from blindtune.federation.apps import FEDERATION_RESULT
-from blindtune.federation.flower_app import run_config_entries
+from blindtune.federation.engine import DATA, NUM_PARTITIONS, PARTITION_ID
+from blindtune.federation.flower_app import WORKDIR, run_config_entries
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ CONNECTION = "blindtune"  # the SuperLink connection name in the launcher's priv
 LOGS = "logs"
 FLWR_HOME_DIR = ".flwr-home"
 HOST = "127.0.0.1"
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds this blindtune package
 
 
 class DeploymentError(RuntimeError):
@@ -100,6 +107,15 @@ def _check_pem(path: Path, kind: str) -> None:
         raise DeploymentError(f"{path} is not a PEM {kind} ({error})") from None
 
 
+@dataclass(frozen=True)
+class SimulatedNodes:
+    """The SuperLink's own simulation runtime instead of SuperNode processes: virtual SuperNodes
+    (Ray actors) with these resources each (`flwr run --federation-config`)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
 @dataclass
 class DeploymentOptions:
     """How the processes are started.
@@ -114,6 +130,10 @@ class DeploymentOptions:
     threads_per_client: torch/OpenMP threads of each SuperNode's processes (None: cores / clients,
         so co-located clients do not oversubscribe the machine; an OMP_NUM_THREADS already set wins).
     app_progress: progress bars in the app processes' logs.
+    warm_clients: each SuperNode runs its messages in one long-lived process (`warm_client.py`, with
+        `--isolation process`) instead of a new `flwr-clientapp` process per message.
+    simulation: run the clients as virtual SuperNodes of a `flower-superlink --simulation` (Flower's
+        simulation runtime) instead of starting SuperNode processes.
     """
 
     tls: TlsFiles | None = None
@@ -123,6 +143,8 @@ class DeploymentOptions:
     grace_seconds: float = 10.0
     threads_per_client: int | None = None
     app_progress: bool = False
+    warm_clients: bool = True
+    simulation: SimulatedNodes | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +180,9 @@ class _Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
+    command: list[str]
+    env: dict[str, str]
+    restarts_left: int = 0
 
     def tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
@@ -182,12 +207,17 @@ class Deployment:
             self.options = dataclasses.replace(self.options, tls=self.options.tls.resolved())
         if self.options.node_auth and self.options.tls is None:
             raise DeploymentError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
+        if self.options.node_auth and self.options.simulation is not None:
+            raise DeploymentError("SuperNode authentication does not apply to simulated SuperNodes")
         self.log_dir = self.out_dir / LOGS
         self.processes: list[_Process] = []
         self.superlink_port = 0
         self.supernode_ports: list[int] = []
         self._home: Path | None = None
         self._stopped = False
+        # Every descendant seen while the processes ran: a killed SuperLink's SuperExec and ServerApp
+        # (the SuperExec leads a session of its own) are no longer anyone's descendants when we stop.
+        self._seen: dict[int, Any] = {}
 
     # lifecycle -------------------------------------------------------------------------------------
 
@@ -219,15 +249,22 @@ class Deployment:
         started = time.monotonic()
         superlink = self._spawn("superlink", self.superlink_command(), self._env())
         self._wait_until(self._superlink_ready, [superlink], "the SuperLink to answer")
+        if self.options.simulation is not None:  # its virtual SuperNodes come with each run
+            log.info(
+                "simulation SuperLink up in %.1f s on %s:%d", time.monotonic() - started, HOST, self.superlink_port
+            )
+            return
         keys = self._make_node_keys() if self.options.node_auth else [None] * self.num_clients
         for key in keys:
             if key is not None:
                 self._flwr(["supernode", "register", str(key.with_suffix(".pub")), CONNECTION], "register a node key")
         threads = self.options.threads_per_client or max(1, (os.cpu_count() or 1) // self.num_clients)
-        supernodes = [
-            self._spawn(f"supernode-{i}", self.supernode_command(i, key), self._env(threads))
-            for i, key in enumerate(keys)
-        ]
+        supernodes = []
+        for i, key in enumerate(keys):
+            supernodes.append(self._spawn(f"supernode-{i}", self.supernode_command(i, key), self._env(threads)))
+            if self.options.warm_clients:
+                clientapp = self._spawn(f"clientapp-{i}", self.warm_client_command(i), self._env(threads), 3)
+                supernodes.append(clientapp)
         self._wait_until(self._all_nodes_online, [superlink, *supernodes], f"{self.num_clients} SuperNodes to connect")
         log.info(
             "deployment up in %.1f s: SuperLink %s:%d, %d SuperNodes",
@@ -243,10 +280,21 @@ class Deployment:
             return
         self._stopped = True
         _LIVE.discard(self)
-        trees = [(process, _descendants(process.popen.pid)) for process in reversed(self.processes)]
+        trees = [(process, _tree(process.popen.pid)) for process in reversed(self.processes)]
+        in_trees = {child.pid for _, children in trees for child in children}
+        orphans = [child for pid, child in self._seen.items() if pid not in in_trees and _alive(child)]
         for process, children in trees:
             _signal_tree(process.popen, children, signal.SIGTERM)
+        for orphan in orphans:
+            with contextlib.suppress(Exception):
+                orphan.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.options.grace_seconds
+        _wait_gone(orphans, deadline)
+        for orphan in orphans:
+            if _alive(orphan):
+                log.warning("pid %d did not stop within %.0f s: killing it", orphan.pid, self.options.grace_seconds)
+                with contextlib.suppress(Exception):
+                    orphan.kill()
         for process, children in trees:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -289,9 +337,17 @@ class Deployment:
         )
         run_config = self._home / "run_config.toml"
         run_config.write_text(tomli_w.dumps(entries))
-        output = self._flwr(
-            ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], "submit the run"
-        )
+        command = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"]
+        if (simulation := self.options.simulation) is not None:
+            federation = {
+                "num-supernodes": self.num_clients,
+                "client-resources-num-cpus": simulation.cpus,
+                "client-resources-num-gpus": simulation.gpus,
+                "init-args-logging-level": "WARNING",
+                "verbose": log.isEnabledFor(logging.DEBUG),
+            }
+            command += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation.items())]
+        output = self._flwr(command, "submit the run")
         reply = _json_in(output)
         if not reply.get("success") or reply.get("run-id") is None:
             raise DeploymentError(f"`flwr run` did not start the run: {output.strip()}")
@@ -357,17 +413,27 @@ class Deployment:
             command += ["--ssl-keyfile", str(tls.server_key)]
         if self.options.node_auth:
             command.append("--enable-supernode-auth")
+        if self.options.simulation is not None:
+            command.append("--simulation")
         return command
 
-    def supernode_command(self, partition_id: int, private_key: Path | None = None) -> list[str]:
-        command = [flower_command("flower-supernode"), "--superlink", f"{HOST}:{self.superlink_port}"]
+    def node_settings(self, partition_id: int, private_key: Path | None = None) -> SuperNodeSettings:
         tls = self.options.tls
-        command += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
-        command += ["--host", HOST, "--port", str(self.supernode_ports[partition_id])]
-        command += ["--node-config", f"partition-id={partition_id} num-partitions={self.num_clients}"]
-        if private_key is not None:
-            command += ["--auth-supernode-private-key", str(private_key)]
-        return command
+        return SuperNodeSettings(
+            superlink=f"{HOST}:{self.superlink_port}",
+            partition_id=partition_id,
+            num_partitions=self.num_clients,
+            root_certificates=None if tls is None else tls.ca_cert,
+            auth_key=private_key,
+            runtime_address=f"{HOST}:{self.supernode_ports[partition_id]}",
+            warm=self.options.warm_clients,
+        )
+
+    def supernode_command(self, partition_id: int, private_key: Path | None = None) -> list[str]:
+        return supernode_command(self.node_settings(partition_id, private_key))
+
+    def warm_client_command(self, partition_id: int) -> list[str]:
+        return warm_client_command(self.node_settings(partition_id))
 
     def _env(self, threads: int | None = None) -> dict[str, str]:
         assert self._home is not None
@@ -379,6 +445,8 @@ class Deployment:
             PYTHONUNBUFFERED="1",
             # Flower starts `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name.
             PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            # The processes run the launcher's blindtune, also from a source checkout.
+            PYTHONPATH=os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH", "")])),
         )
         if threads is not None:
             for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -405,12 +473,19 @@ class Deployment:
             keys.append(path)
         return keys
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> _Process:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str], restarts: int = 0) -> _Process:
+        """Start `command`; if it ends before the deployment does, start it again up to `restarts` times."""
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("wb")
+        process = _Process(name, self._popen(command, env, log_file), log_path, log_file, command, env, restarts)
+        self.processes.append(process)
+        log.info("started %s (pid %d): %s", name, process.popen.pid, " ".join(command))
+        return process
+
+    def _popen(self, command: list[str], env: dict[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
         log_file.write(f"$ {' '.join(command)}\n".encode())
         log_file.flush()
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -420,10 +495,6 @@ class Deployment:
             start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches only the launcher
             preexec_fn=_die_with_parent(),
         )
-        process = _Process(name, popen, log_path, log_file)
-        self.processes.append(process)
-        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(command))
-        return process
 
     def _flwr(self, args: list[str], what: str, timeout: float = 120.0) -> str:
         command = [flower_command("flwr"), *args]
@@ -477,12 +548,123 @@ class Deployment:
             time.sleep(0.5)
 
     def _check_alive(self, processes: list[_Process]) -> None:
+        for process in self.processes:
+            self._seen.update((child.pid, child) for child in _descendants(process.popen.pid))
         for process in processes:
             code = process.popen.poll()
-            if code is not None:
+            if code is not None and process.restarts_left > 0:
+                # A warm ClientApp process that died (killed, out of memory): its SuperNode keeps the node
+                # in the federation, and a new process rebuilds the client from its work directory.
+                process.restarts_left -= 1
+                log.warning("%s exited with code %s: starting it again", process.name, code)
+                process.popen = self._popen(process.command, process.env, process.log_file)
+            elif code is not None:
                 raise DeploymentError(
                     f"{process.name} exited with code {code}; last lines of {process.log_path}:\n{process.tail()}"
                 )
+
+
+# one SuperNode, as its organisation runs it -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuperNodeSettings:
+    """One client organisation's SuperNode (`blindtune supernode`, and each node `Deployment` starts).
+
+    superlink: HOST:PORT of the SuperLink. partition_id / num_partitions: which client this is, of how
+    many (`--node-config`). data: the organisation's own files, in the run's task format (None: its
+    slice of the task the run config names, as in a simulation). workdir: its own storage (None: the
+    run's out-dir). root_certificates: the CA the SuperLink's certificate is signed by (None:
+    `--insecure`). auth_key: its private key for SuperNode authentication. runtime_address: where the
+    SuperNode serves its ClientApp process (loopback). warm: one long-lived ClientApp process.
+    """
+
+    superlink: str
+    partition_id: int
+    num_partitions: int
+    data: Path | None = None
+    workdir: Path | None = None
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    runtime_address: str = f"{HOST}:9094"
+    warm: bool = True
+
+    def node_config(self) -> str:
+        entries: dict[str, object] = {PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions}
+        if self.data is not None:
+            entries[DATA] = str(self.data)
+        if self.workdir is not None:
+            entries[WORKDIR] = str(self.workdir)
+        return " ".join(f"{key}={json.dumps(value)}" for key, value in entries.items())
+
+
+def supernode_command(node: SuperNodeSettings) -> list[str]:
+    """`flower-supernode` for `node`."""
+    host, port = node.runtime_address.rsplit(":", 1)
+    command = [flower_command("flower-supernode"), "--superlink", node.superlink]
+    command += (
+        ["--insecure"] if node.root_certificates is None else ["--root-certificates", str(node.root_certificates)]
+    )
+    command += ["--host", host, "--port", port, "--node-config", node.node_config()]
+    if node.auth_key is not None:
+        command += ["--auth-supernode-private-key", str(node.auth_key)]
+    if node.warm:
+        command += ["--isolation", "process"]  # the node's ClientApp process is `warm_client_command`
+    return command
+
+
+def warm_client_command(node: SuperNodeSettings) -> list[str]:
+    """The long-lived ClientApp process of `node` (on its loopback runtime API, plain HTTP)."""
+    return [
+        sys.executable,
+        "-m",
+        "blindtune.federation.warm_client",
+        "--insecure",
+        "--runtime-api-address",
+        node.runtime_address,
+    ]
+
+
+def run_supernode(node: SuperNodeSettings, grace_seconds: float = 10.0) -> int:
+    """Run `node`'s SuperNode (and its warm ClientApp process) in the foreground until one of them
+    ends, Ctrl-C or SIGTERM; then stop the other. Returns the SuperNode's exit code (130: interrupted)."""
+    commands = [supernode_command(node)] + ([warm_client_command(node)] if node.warm else [])
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH", "")]))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with _signals_raise():
+            for command in commands:
+                log.info("starting: %s", " ".join(command))
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent(),
+                    )
+                )
+            while all(process.poll() is None for process in processes):
+                time.sleep(0.5)
+            return int(processes[0].wait())
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        trees = [(process, _tree(process.pid)) for process in processes]
+        for process, children in trees:
+            _signal_tree(process, children, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        for process, children in trees:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _wait_gone(children, deadline)
+            if process.poll() is None or any(_alive(child) for child in children):
+                _signal_tree(process, children, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
 
 
 def app_pyproject(app: AppComponents) -> str:
@@ -510,6 +692,7 @@ def app_pyproject(app: AppComponents) -> str:
                         "progress": False,
                         "resume": False,
                         "wait-for-nodes-seconds": 300.0,
+                        "clients-from-federation": False,
                     },
                 }
             }
@@ -612,12 +795,25 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 def _descendants(pid: int) -> list[Any]:
-    try:
-        import psutil
+    import psutil
 
+    try:
         return list(psutil.Process(pid).children(recursive=True))
-    except Exception:  # the process is gone, or psutil is missing: its process group still gets signalled
+    except psutil.Error:  # the process is gone: its process group still gets signalled
         return []
+
+
+def _tree(pid: int) -> list[Any]:
+    """The descendants of `pid`, and every other member of the process group it leads (orphans of a
+    killed member stay in the group but are no longer its descendants)."""
+    import psutil
+
+    members = {child.pid: child for child in _descendants(pid)}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid != pid and os.getpgid(process.pid) == pid:
+                members.setdefault(process.pid, process)
+    return list(members.values())
 
 
 def _alive(process: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import ipaddress
@@ -57,8 +58,8 @@ def tiny_config(model_dir, num_clients: int = 2, rounds: int = 2):
     )
 
 
-def make_tls_files(directory: Path) -> TlsFiles:
-    """A throw-away CA and a SuperLink certificate for 127.0.0.1/localhost signed by it."""
+def make_tls_files(directory: Path, address: str = "127.0.0.1") -> TlsFiles:
+    """A throw-away CA and a SuperLink certificate for `address`/localhost signed by it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -100,14 +101,14 @@ def make_tls_files(directory: Path) -> TlsFiles:
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
+        .subject_name(name(address))
         .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address)), x509.DNSName("localhost")]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -249,8 +250,13 @@ def test_two_client_deployment_end_to_end(tiny_model_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
     logs = tmp_path / "logs"
     assert {p.name for p in logs.iterdir()} >= {"superlink.log", "supernode-0.log", "supernode-1.log", "serverapp.log"}
-    # Each SuperNode ran its own ClientApp processes on its own partition.
+    # Each SuperNode ran its own ClientApp on its own partition: all its messages (setup, 2 rounds) in one
+    # long-lived process, which started once.
     assert (tmp_path / "clients" / "client-0").is_dir() and (tmp_path / "clients" / "client-1").is_dir()
+    for node in (0, 1):
+        clientapp_log = (logs / f"clientapp-{node}.log").read_text()
+        assert clientapp_log.count("message handled") == 3 and clientapp_log.count("first message") == 1
+    assert "flwr-clientapp" not in (logs / "supernode-0.log").read_text()
 
 
 @pytest.mark.slow
@@ -318,9 +324,334 @@ def test_interrupted_launcher_leaves_no_processes(tmp_path):
 @pytest.mark.slow
 def test_dead_process_is_reported_with_its_log(tmp_path):
     with Deployment(tmp_path, 1, DeploymentOptions(startup_timeout_seconds=90)) as deployment:
-        supernode = deployment.processes[-1]
+        (supernode,) = [process for process in deployment.processes if process.name == "supernode-0"]
         supernode.popen.send_signal(signal.SIGKILL)
         supernode.popen.wait(timeout=10)
         with pytest.raises(DeploymentError, match="supernode-0 exited") as error:
             deployment._check_alive(deployment.processes)
         assert "flower-supernode" in str(error.value)  # the tail of its log, which starts with the command
+
+
+def _processes_mentioning(text: str) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if any(text in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_flwr_run_dot_on_flowers_default_local_simulation(tiny_model_dir, tmp_path):
+    """`flwr run .` on a fresh machine: Flower's default configuration starts a local simulation SuperLink
+    with 2 SuperNodes. A 3-client config runs with one client per SuperNode and says so; without
+    `clients-from-federation` it fails at once, saying how to resize. `flwr log` (streamed) shows both."""
+    import yaml
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, num_clients=3).to_dict()))
+    home = tmp_path / "flwr-home"  # empty: Flower writes its default configuration
+    http_port, control_port = free_ports(2)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        # Tests never reach the network: Flower 1.42 would otherwise `uv sync` the app's dependencies per run.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": str(REPO_PYPROJECT.parent),
+    }
+    flwr = str(Path(sys.executable).parent / "flwr")
+
+    def flwr_run(out: Path, *extra: str) -> str:
+        run_config = " ".join([f"config-file='{config_file}'", f"out-dir='{out}'", *extra])
+        command = [flwr, "run", str(REPO_PYPROJECT.parent), "--run-config", run_config, "--stream"]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+        return done.stdout + done.stderr
+
+    try:
+        output = flwr_run(tmp_path / "adapted")
+        assert "running with the federation's 2 simulated SuperNodes" in output, output[-3000:]
+        record = json.loads((tmp_path / "adapted" / "federation.json").read_text())
+        assert record["status"] == "completed"
+        assert [row["round"] for row in record["result"]["history"]] == [1, 2]
+        assert len({row["node_id"] for row in record["result"]["clients"]}) == 2
+        assert "blindtune: federation completed: llm_zero_shot" in output
+
+        # 280 s < the 300 s a ServerApp waiting for 3 SuperNodes would take: it must say so at once.
+        output = flwr_run(tmp_path / "too-few", "clients-from-federation=false")
+        assert "the run needs 3 SuperNodes and the simulated federation has 2" in output, output[-3000:]
+        assert "num-supernodes=3" in output
+        assert not (tmp_path / "too-few" / "federation.json").exists()
+        runs = subprocess.run([flwr, "ls", "--format", "json"], env=env, cwd=tmp_path, capture_output=True, text=True)
+        statuses = sorted(run["status"] for run in json.loads(runs.stdout[runs.stdout.index("{") :])["runs"])
+        assert statuses == ["finished:completed", "finished:failed"], statuses
+    finally:
+        # Flower keeps its local SuperLink running for later `flwr` commands; this test started it.
+        leftovers = _processes_mentioning(str(home))
+        pids = [p.pid for p in leftovers] + [c.pid for p in leftovers for c in _children(p)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert_all_gone(pids)
+
+
+def _children(process) -> list:
+    try:
+        return process.children(recursive=True)
+    except Exception:
+        return []
+
+
+def choice_rows(count: int, start: int) -> list[dict]:
+    colours = ["red", "green", "blue"]
+    return [
+        {"text": f"the colour of item {k}", "choices": colours, "label": k % 3} for k in range(start, start + count)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_across_hosts_recipe_on_loopback_addresses(tiny_model_dir, tmp_path):
+    """docs/deployment.md's across-hosts recipe, each party on its own loopback address and in its own
+    directory: the SuperLink (TLS, SuperNode authentication) on 127.0.0.2, two client organisations with
+    their own data, keys and work directories (`blindtune supernode`, ClientApp on 127.0.0.3/.4), and the
+    experimenter's `flwr run`. Afterwards Ctrl-C ends each organisation's processes."""
+    import yaml
+
+    from blindtune.federation.deployment import write_node_key_pair
+
+    server, orgs = tmp_path / "server", [tmp_path / "org-0", tmp_path / "org-1"]
+    write_jsonl(server / "task" / "train.jsonl", choice_rows(12, 1000))
+    write_jsonl(server / "task" / "test.jsonl", choice_rows(12, 2000))
+    own_rows = [30, 50]  # each organisation's own file; a single file is split 80/10/10, 90% is trained on
+    for org, count, start in zip(orgs, own_rows, (0, 100), strict=True):
+        write_jsonl(org / "data.jsonl", choice_rows(count, start))
+    config = tiny_config(tiny_model_dir).to_dict()
+    config["task"] = str(server / "task")
+    (server / "run.yaml").write_text(yaml.safe_dump(config))
+    tls = make_tls_files(server / "certs", address="127.0.0.2")
+    superlink_port, *runtime_ports = free_ports(3)
+    home = server / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "recipe"\n\n[superlink.recipe]\naddress = "127.0.0.2:{superlink_port}"\n'
+        f'root-certificates = "{tls.ca_cert}"\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": str(REPO_PYPROJECT.parent),  # every host has blindtune installed; here: this checkout
+    }
+    bin_dir = Path(sys.executable).parent
+    processes: list[subprocess.Popen] = []
+
+    def start(command: list[str], cwd: Path, log_name: str) -> subprocess.Popen:
+        log_file = (cwd / log_name).open("w")
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        processes.append(process)
+        return process
+
+    def flwr(*args: str, timeout: float = 120) -> str:
+        done = subprocess.run(
+            [str(bin_dir / "flwr"), *args], cwd=server, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        return done.stdout + done.stderr
+
+    try:
+        # The server organisation's host (docs/deployment.md, "Across hosts", step 1).
+        start(
+            [
+                str(bin_dir / "flower-superlink"),
+                *("--host", "127.0.0.2", "--port", str(superlink_port)),
+                *("--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert)),
+                *("--ssl-keyfile", str(tls.server_key)),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ],
+            server,
+            "superlink.log",
+        )
+
+        def online_nodes() -> int | None:  # None: the SuperLink does not answer yet
+            reply = flwr("supernode", "ls", "recipe", "--format", "json")
+            if '"success": true' not in reply:
+                return None
+            return len([node for node in json.loads(reply[reply.index("{") :])["nodes"] if node["status"] == "online"])
+
+        deadline = time.monotonic() + 90
+        while online_nodes() is None:
+            assert time.monotonic() < deadline, (server / "superlink.log").read_text()[-3000:]
+            time.sleep(1)
+        # Each client organisation makes its key pair and hands the public key to the server's operator.
+        for i, org in enumerate(orgs):
+            public_key = write_node_key_pair(org / "keys" / "node").with_suffix(".pub")
+            assert '"success": true' in flwr("supernode", "register", str(public_key), "recipe", "--format", "json")
+            (org / "certs").mkdir()
+            (org / "certs" / "ca.pem").write_bytes(tls.ca_cert.read_bytes())
+            start(
+                [
+                    sys.executable,
+                    *("-m", "blindtune.cli", "supernode"),
+                    *("--superlink", f"127.0.0.2:{superlink_port}", "--root-certificates", "certs/ca.pem"),
+                    *("--auth-key", "keys/node", "--partition-id", str(i), "--num-partitions", "2"),
+                    *("--data", "data.jsonl", "--workdir", "work"),
+                    *("--runtime-address", f"127.0.0.{3 + i}:{runtime_ports[i]}"),
+                ],
+                org,
+                "supernode.log",
+            )
+        deadline = time.monotonic() + 120
+        while (online_nodes() or 0) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "SuperNodes not online"
+            time.sleep(1)
+        # The experimenter.
+        run_config = f"config-file='{server / 'run.yaml'}' out-dir='{server / 'out'}' clients-from-federation=false"
+        output = flwr("run", str(REPO_PYPROJECT.parent), "recipe", "--run-config", run_config, "--stream", timeout=400)
+        record = json.loads((server / "out" / "federation.json").read_text())
+        assert record["status"] == "completed", output[-3000:]
+        assert record["failures"] == []
+        # Each organisation trained on its own rows, and kept its state in its own directory.
+        trained = sorted(row["num_examples"] for row in record["result"]["clients"] if row["round"] == 1)
+        assert trained == [count - count // 10 for count in own_rows]
+        for i, org in enumerate(orgs):
+            assert (org / "work" / "clients" / f"client-{i}" / "artefact.safetensors").is_file()
+        assert not (server / "out" / "clients").exists()
+    finally:
+        supernodes, superlink = processes[1:], processes[:1]
+        trees = {p.pid: [c.pid for c in _children_of(p.pid)] for p in processes}
+        for process in supernodes:  # Ctrl-C, as the organisation would press it
+            process.send_signal(signal.SIGINT)
+        for process in superlink:
+            for pid in trees[process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            process.terminate()
+        codes = [process.wait(timeout=60) for process in processes]
+        assert_all_gone([pid for p in processes for pid in [p.pid, *trees[p.pid]]])
+    assert codes[1:] == [130, 130]
+
+
+def _children_of(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.slow
+def test_killed_client_process_is_restarted_and_rebuilds_from_its_work_directory(tiny_model_dir, tmp_path):
+    """Client 1's warm ClientApp process is killed after round 1: the launcher starts it again, the new
+    process rebuilds the client from its work directory, and the run ends with both clients answering."""
+    import threading
+
+    from blindtune.federation import deployment as deployment_module
+
+    config = run_config_from_dict(
+        {
+            **tiny_config(tiny_model_dir, rounds=3).to_dict(),
+            "federation": {"num_clients": 2, "rounds": 3, "min_clients": 1, "client_timeout_seconds": 90},
+        }
+    )
+    killed: list[int] = []
+
+    def kill_client_1_after_round_1() -> None:
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "checkpoints" / "round-0001").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for live in list(deployment_module._LIVE):
+            for process in live.processes:
+                if process.name == "clientapp-1":
+                    killed.append(process.popen.pid)
+                    process.popen.kill()
+
+    killer = threading.Thread(target=kill_client_1_after_round_1, daemon=True)
+    killer.start()
+    results = launch(config, tmp_path, num_clients=2, progress=False)
+    killer.join(timeout=5)
+    assert killed, "client 1's process was not killed"
+    assert [row["round"] for row in results["history"]] == [1, 2, 3]
+    assert len([row for row in results["clients"] if row["round"] == 3]) == 2  # the restarted client answered
+    log_text = (tmp_path / "logs" / "clientapp-1.log").read_text()
+    assert log_text.count("$ ") == 2 and log_text.count("first message") == 2, log_text[-2000:]
+    assert not pid_alive(killed[0])
+
+
+@pytest.mark.slow
+def test_secure_aggregation_on_warm_clients_gives_the_in_process_aggregate(tiny_model_dir, tmp_path):
+    """SecAgg+ keeps its per-client state in Flower's Context between messages: warm ClientApp processes
+    hand it back to their SuperNodes as `flwr-clientapp` does, so the deployed run aggregates the same
+    client updates (up to SecAgg+'s stochastic rounding to its quantisation step)."""
+    from safetensors.torch import load_file
+
+    from blindtune.conftest import tiny_run_config
+    from blindtune.privacy.config import SecAggConfig
+    from blindtune.runner import run_experiment
+
+    overrides = {
+        "federation": {"num_clients": 3, "rounds": 1},
+        "privacy": {"secagg": {"enabled": True}},
+        "eval": {"every_round": False},
+        "baselines": {"centralized": False, "local_only": False},
+    }
+    config = tiny_run_config("offsite", tiny_model_dir, overrides)
+    in_process = run_experiment(config, tmp_path / "in-process", progress=False)
+    deployed = launch(config, tmp_path / "launch", progress=False)
+    final = "checkpoints/round-0001/adapter.safetensors"
+    expected, got = load_file(tmp_path / "in-process" / final), load_file(tmp_path / "launch" / final)
+    assert expected.keys() == got.keys()
+    # Each run is within len(clients) steps / summed scales of the plain mean (secagg_test.py): so within twice that.
+    step = deployed["privacy"]["secagg"]["quantization_step"]
+    scales = [row["num_examples"] / SecAggConfig().max_weight for row in deployed["clients"]]
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 2 * len(scales) * step / sum(scales)
+    assert sorted(row["train_loss"] for row in deployed["clients"]) == sorted(
+        row["train_loss"] for row in in_process["clients"]
+    )
+    assert deployed["failures"] == [] and deployed["privacy"]["secagg"]["enabled"]
+    assert "adapter" not in deployed["cost"]["bytes_by_kind"]["to_server"]  # masked vectors only
+
+
+@pytest.mark.slow
+def test_killed_superlink_ends_the_launch_and_resume_finishes_the_run(tiny_model_dir, tmp_path):
+    """The SuperLink is killed after round 1: `blindtune launch` fails with its log and leaves no process;
+    `blindtune launch --resume` continues after round 1 and finishes the run."""
+    import psutil
+    import yaml
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, rounds=3).to_dict()))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "blindtune.cli", "launch", str(config_file), "--out", str(out)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "round-0001" / "meta.json").is_file():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the launch ended before round 1"
+            time.sleep(0.2)
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+        (superlink,) = [p for p in descendants if "flower-superlink" in " ".join(p.cmdline())]
+        superlink.kill()
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 2 and "superlink exited" in output, output[-3000:]
+    assert not (out / "results.json").exists()
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == [], alive
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [row["round"] for row in history] == [1, 2, 3]
+    assert (out / "checkpoints" / "round-0003" / "adapter.safetensors").is_file()

@@ -3,33 +3,29 @@
 Everything else in blindtune talks to Flower through a `ServerApp`, a `ClientApp` and the `Grid`
 handed to the server; *which* engine moves the messages is decided here alone:
 
-- `simulation`: Flower's simulation engine (Ray actors, one virtual SuperNode per client);
+- `simulation`: Flower's simulation runtime, as Flower 1.42 runs it (`flwr run` on a local
+  `flower-superlink --simulation`, one virtual SuperNode per client as a Ray actor). The SuperLink
+  runs the deployed Flower App (`blindtune.runner:server_app` / `client_app`), which rebuilds the
+  same apps from the run config, in its own processes (`deployment.py` starts and stops them);
 - `inprocess`: a `Grid` that hands each message straight to the ClientApp in this process. Same
-  apps, same records, no Ray start-up (~12 s here): for unit tests and quick single-process runs.
+  apps, same records, no processes to start: for unit tests and quick single-process runs.
 
-A real deployment (a SuperLink and one SuperNode per client as processes, `deployment.py`) is not an
-engine of these apps: each process rebuilds its apps from the run config (`flower_app.py`), and
-`blindtune launch` hands the runner that federation instead of this one.
-
-Flower 1.42 deprecates `run_simulation` for `flwr run` on a local SuperLink; when we move, only this
-file changes.
+A real deployment (a SuperLink and one SuperNode per client as processes, `deployment.py`) is
+`blindtune launch`, which hands the runner that federation instead of this one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
-import signal
-import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
-import psutil
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -38,12 +34,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from blindtune.federation.rounds import clear_stop, request_stop
+if TYPE_CHECKING:
+    from blindtune.config import RunConfig
+    from blindtune.federation.deployment import AppComponents, SimulatedNodes
 
 log = logging.getLogger(__name__)
 
+# Node config keys: which private slice of the task a (virtual) SuperNode's organisation holds.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+DATA = "data"  # the organisation's own files (a deployment's SuperNode), instead of its simulated slice
+
+# (config, out_dir, progress, resume) -> the ServerApp and ClientApp that run it in this process.
+AppsBuilder = Callable[["RunConfig", Path, bool, bool], tuple[ServerApp, ClientApp]]
 
 
 class Engine(enum.StrEnum):
@@ -117,87 +120,41 @@ class InProcessGrid(Grid):
 
 
 def run_federation(
-    server_app: ServerApp, client_app: ClientApp, num_clients: int, engine: Engine, gpu: bool = False
+    config: RunConfig,
+    out_dir: Path,
+    resume: bool,
+    build: AppsBuilder,
+    deployed_app: AppComponents,
+    progress: bool = True,
 ) -> None:
-    """Run the apps to completion on the chosen engine; with `gpu`, simulated clients share the GPU."""
-    if engine is Engine.INPROCESS:
+    """Run the federation of `config` to completion on `config.federation.engine`.
+
+    `build` makes the apps for the in-process engine; the simulation runtime's processes load
+    `deployed_app`, which must rebuild the same apps from the run config.
+    """
+    if config.federation.engine is Engine.INPROCESS:
+        server_app, client_app = build(config, out_dir, progress, resume)
         # Flower stamps messages with the identity of the running task; its engines set it, so do we.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID
-        grid = InProcessGrid(client_app, num_clients)
+        grid = InProcessGrid(client_app, config.federation.num_clients)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         server_app(grid, context)
         return
-    from flwr.simulation import run_simulation
+    # Imported here: the deployment module reads the run config, which names this module's engines.
+    from blindtune.federation.deployment import DeploymentOptions, run_deployment
 
     started = time.perf_counter()
-    clear_stop()
-    # One CPU per virtual client: clients then train one after another on a 2-core machine instead of
-    # fighting over cores, and never all sit in memory at once.
-    children: list[Any] = []
-    try:
-        with _ctrl_c_remembers_children(children):
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=num_clients,
-                backend_config={
-                    "client_resources": {
-                        "num_cpus": max(1, (os.cpu_count() or 2) // 2),
-                        # An equal share each: Ray then runs them side by side on the one GPU.
-                        "num_gpus": 1.0 / num_clients if gpu else 0.0,
-                    },
-                    "init_args": {
-                        "logging_level": logging.getLogger("ray").getEffectiveLevel(),
-                        "log_to_driver": log.isEnabledFor(logging.INFO),
-                    },
-                },
-                verbose_logging=log.isEnabledFor(logging.DEBUG),
-            )
-    except KeyboardInterrupt:
-        _stop_simulation(children)
-        raise
+    nodes = simulated_nodes(config.federation.num_clients, config.placement().gpu)
+    run_deployment(config, out_dir, deployed_app, DeploymentOptions(simulation=nodes, app_progress=progress), resume)
     log.info("simulation finished in %.1f s", time.perf_counter() - started)
 
 
-@contextlib.contextmanager
-def _ctrl_c_remembers_children(children: list[Any]) -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt as usual, after noting this process's descendants (Ray's
-    processes): Flower shuts Ray down before we see the interrupt, and its workers outlive that."""
-    # Only where Ctrl-C means KeyboardInterrupt (not in another thread, nor under nohup, which ignores it).
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
+def simulated_nodes(num_clients: int, gpu: bool) -> SimulatedNodes:
+    """One CPU per virtual client: on a 2-core machine clients then train side by side without
+    fighting over cores. With a GPU, an equal share each: Ray runs them side by side on it."""
+    from blindtune.federation.deployment import SimulatedNodes
 
-    def handler(signum: int, frame: object) -> None:
-        with contextlib.suppress(Exception):
-            children.extend(psutil.Process().children(recursive=True))
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _stop_simulation(children: list[Any], grace_seconds: float = 5.0) -> None:
-    """After Ctrl-C: Flower has stopped the Ray backend, but its ServerApp thread still waits for
-    replies that never come, and the interpreter would wait for it forever. Tell it to stop, give it
-    `grace_seconds` to write what it has, then make sure no Ray process is left."""
-    request_stop()
-    deadline = time.monotonic() + grace_seconds
-    for thread in leftover_threads():
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-    _, alive = psutil.wait_procs(children, timeout=grace_seconds)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    log.debug("after Ctrl-C: threads still running %s", [t.name for t in leftover_threads()])
+    return SimulatedNodes(cpus=max(1, (os.cpu_count() or 2) // 2), gpus=1.0 / num_clients if gpu else 0.0)
 
 
 def leftover_threads() -> list[threading.Thread]:

@@ -9,7 +9,6 @@ aggregator's job, which sees the tensors.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,32 +26,15 @@ class TooFewClientsError(RuntimeError):
     """Fewer clients than required answered a round."""
 
 
-class RunInterrupted(RuntimeError):
-    """The user interrupted the run (Ctrl-C) while the server waited for replies."""
-
-
-# Set when the user interrupts a run whose server runs in another thread (Flower's simulation engine):
-# the server stops waiting for replies that will never come, so the process can end.
-_STOP = threading.Event()
 _PULL_SECONDS = 0.1
 
 
-def request_stop() -> None:
-    _STOP.set()
-
-
-def clear_stop() -> None:
-    _STOP.clear()
-
-
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """`Grid.send_and_receive`, but ending with RunInterrupted as soon as a stop is requested."""
+    """`Grid.send_and_receive`: the replies that came before `timeout` (None: all of them)."""
     waiting = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
-        if _STOP.is_set():
-            raise RunInterrupted("the run was interrupted while clients were training")
         received = list(grid.pull_messages(waiting))
         replies.extend(received)
         waiting -= {reply.metadata.reply_to_message_id for reply in received}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -191,6 +192,9 @@ def test_ctrl_c_on_the_simulation_engine_ends_and_leaves_no_process(tiny_model_d
     while not (out / "checkpoints" / "round-0001").is_dir():
         assert process.poll() is None and time.monotonic() < deadline, "run ended before round 1"
         time.sleep(0.1)
+    # The simulation's SuperLink, SuperExec, simulation process and Ray workers, in sessions of their own.
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    assert any("flower-superlink" in " ".join(child.cmdline()) for child in descendants)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     try:
         output, _ = process.communicate(timeout=60)
@@ -202,6 +206,8 @@ def test_ctrl_c_on_the_simulation_engine_ends_and_leaves_no_process(tiny_model_d
     time.sleep(2)
     left = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _session(pid) == process.pid]
     assert left == [], f"processes left behind: {left}"
+    _, alive = psutil.wait_procs(descendants, timeout=20)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == [], f"processes left behind: {alive}"
     assert (out / "checkpoints" / "round-0001" / "adapter.safetensors").is_file()
 
 

@@ -3,10 +3,17 @@
 The weights travel as an ArrayRecord, the architecture config and tokenizer as JSON bytes; the client
 rebuilds the model from those alone and keeps a safetensors copy in its work directory, so later
 rounds need no re-transfer. Tied weights (embedding = LM head) are sent once.
+
+A process that loads the same stored artefact again (a warm client, round after round) gets a copy
+of the model it built before instead of rebuilding it from disk: the copy is keyed by the
+directory and the artefact's content hash, written with the artefact, so a new hand-out is never
+mistaken for an old one.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +30,10 @@ from blindtune.models.loading import LoadedModel
 
 _WEIGHTS = "artefact.safetensors"
 _SPEC = "artefact_spec.json"
+_HASH = "artefact.sha256"
+
+# (directory, content hash) -> the model built from it; one entry per directory, the latest.
+_built: dict[tuple[Path, str], LoadedModel] = {}
 
 
 @dataclass
@@ -87,12 +98,25 @@ def _is_tied_copy(model: PreTrainedModel, name: str, tensors: dict[str, torch.Te
     return any(model.state_dict()[other].data_ptr() == pointer for other in tensors if other in model.state_dict())
 
 
+def content_hash(spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the spec and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(spec.to_json().encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_artefact(directory: Path, spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomically store an artefact (weights as safetensors, spec as JSON)."""
+    """Atomically store an artefact (weights as safetensors, spec as JSON, then their content hash)."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / _HASH).unlink(missing_ok=True)  # until the new hash is written, nothing matches a built copy
+    digest = content_hash(spec, tensors)
     for name, write in (
         (_WEIGHTS, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p)),
         (_SPEC, lambda p: Path(p).write_text(spec.to_json())),
+        (_HASH, lambda p: Path(p).write_text(digest)),
     ):
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         os.close(handle)
@@ -105,6 +129,19 @@ def has_artefact(directory: Path) -> bool:
 
 
 def load_artefact(directory: Path) -> LoadedModel:
+    """The stored artefact as a model of its own (the caller may train it in place)."""
     if not has_artefact(directory):
         raise FileNotFoundError(f"no artefact in {directory}: the server's setup message was not received")
-    return build_from_parts(ArtefactSpec.from_json((directory / _SPEC).read_text()), load_file(directory / _WEIGHTS))
+    hash_file = directory / _HASH
+    key = (directory.resolve(), hash_file.read_text()) if hash_file.is_file() else None
+    if key is None or key not in _built:
+        built = build_from_parts(
+            ArtefactSpec.from_json((directory / _SPEC).read_text()), load_file(directory / _WEIGHTS)
+        )
+        if key is None:  # stored before artefacts had a hash: never kept
+            return built
+        for stale in [k for k in _built if k[0] == key[0]]:
+            del _built[stale]
+        _built[key] = built
+    kept = _built[key]
+    return LoadedModel(model=copy.deepcopy(kept.model), tokenizer=kept.tokenizer, name=kept.name)

@@ -46,16 +46,10 @@ def test_run_config_device_key():
         run_config_from_dict({"method": "offsite", "device": "tpu"})
 
 
-def test_simulated_clients_get_a_gpu_share_only_on_cuda(monkeypatch):
-    import flwr.simulation
+def test_simulated_clients_get_a_gpu_share_only_on_cuda():
+    from blindtune.federation.engine import simulated_nodes
 
-    from blindtune.federation.engine import Engine, run_federation
-
-    seen = []
-    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: seen.append(kwargs["backend_config"]))
-    run_federation(None, None, 4, Engine.SIMULATION, gpu=True)
-    run_federation(None, None, 4, Engine.SIMULATION)
-    assert [c["client_resources"]["num_gpus"] for c in seen] == [0.25, 0.0]
+    assert [simulated_nodes(4, gpu=True).gpus, simulated_nodes(4, gpu=False).gpus] == [0.25, 0.0]
 
 
 @pytest.mark.gpu
