@@ -110,6 +110,8 @@ def base_config(budget: str, method: str) -> dict[str, Any]:
         return data
     data = load_config_data(CONFIG_DIR / f"bench_{budget}.yaml")
     data.pop(data["method"], None)
+    # The server step is tuned per method (offsite's demo steps 2x); another method starts from FedAvg's.
+    data.get("federation", {}).pop("server_learning_rate", None)
     data["method"] = method
     return data
 

@@ -63,15 +63,19 @@ def cpl(emulator_accuracy: float, llm_accuracy: float) -> float:
     return 100.0 * emulator_accuracy / llm_accuracy if llm_accuracy > 0 else float("nan")
 
 
-def chance_accuracy(examples: Sequence[Example]) -> float:
-    """The expected accuracy of guessing uniformly among each example's options."""
-    return sum(1 / len(example.choices) for example in examples) / len(examples) if examples else 0.0
+def chance_accuracy(examples: Sequence[Example]) -> float | None:
+    """The expected accuracy of guessing uniformly among each example's options (None: not a
+    multiple-choice task, e.g. instruction data scored by NLL)."""
+    if not examples or not all(example.choices for example in examples):
+        return None
+    return sum(1 / len(example.choices) for example in examples) / len(examples)
 
 
-def capability_retained(hand_out: float, llm: float, chance: float) -> float | None:
+def capability_retained(hand_out: float, llm: float, chance: float | None) -> float | None:
     """(hand-out accuracy - chance) / (LLM accuracy - chance): the share of the LLM's above-chance
-    capability a client gets from the hand-out alone (0: none, 1: all). None when the LLM is at chance."""
-    return None if llm - chance <= 0 else (hand_out - chance) / (llm - chance)
+    capability a client gets from the hand-out alone (0: none, 1: all). None when the LLM is at chance
+    or the task has no chance level (not multiple choice)."""
+    return None if chance is None or llm - chance <= 0 else (hand_out - chance) / (llm - chance)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class ZeroShot:
 
     llm: float
     hand_out: float
-    chance: float
+    chance: float | None
 
 
 def adapter_gradient_cosine(

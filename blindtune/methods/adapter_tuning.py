@@ -172,6 +172,9 @@ def serve_emulator(
 
     if privacy is not None:
         privacy["gradient_cosine"] = gradient_cosine(initial)
+
+    def is_complete_adapter(state: AdapterState) -> bool:
+        return set(state) == set(initial) and all(state[name].shape == initial[name].shape for name in initial)
     hand_out(
         run.exchange,
         LoadedModel(emulator.model, llm.tokenizer, "emulator"),
@@ -187,11 +190,13 @@ def serve_emulator(
     def transfer(state: AdapterState, round_number: int) -> dict[str, float]:
         """What explains transfer: the global adapter on the hand-out itself (its accuracy there minus
         the plug-in's is the transfer gap) and the cosine of its gradients on the hand-out and the LLM."""
+        if not is_complete_adapter(state):  # FLoRA's stack of products: no single adapter to measure
+            return {}
         on_hand_out = strategy.prepare_client(copy.deepcopy(emulator.model), state, layer_map, None, config.seed)
-        row = {"hand_out": evaluate(on_hand_out.model, llm.tokenizer, f"on the hand-out, round {round_number}")}
-        if set(state) == set(initial):  # a complete adapter (not FLoRA's stack of products)
-            row["gradient_cosine"] = gradient_cosine(state)
-        return row
+        return {
+            "hand_out": evaluate(on_hand_out.model, llm.tokenizer, f"on the hand-out, round {round_number}"),
+            "gradient_cosine": gradient_cosine(state),
+        }
 
     outcome = federate(run, method.adapter, initial, llm.model, evaluate_plugin, transfer)
     metrics["plugin"] = outcome.history[-1]["plugin"]
