@@ -59,10 +59,11 @@ def test_method_runs_end_to_end_on_a_tiny_model(method, tiny_model_dir, tmp_path
             results["metrics"]["capability_retained"] == leakage["tasks"]["wordnet-supersense"]["capability_retained"]
         )
     assert not any(row["from_cache"] for row in results["reference_rows"].values())
-    again = run_experiment(config, tmp_path / "again", progress=False)  # the same inputs: rows from the cache
-    assert all(row["from_cache"] for row in again["reference_rows"].values())
-    for key in ("centralized", "local_only"):
-        assert again["metrics"][key] == results["metrics"][key]
+    if method == "offsite":  # the cache is the runner's, the same for every method: one check is enough
+        again = run_experiment(config, tmp_path / "again", progress=False)  # same inputs: rows from the cache
+        assert all(row["from_cache"] for row in again["reference_rows"].values())
+        for key in ("centralized", "local_only"):
+            assert again["metrics"][key] == results["metrics"][key]
     assert (tmp_path / "run" / "report.md").is_file()
     assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter.safetensors").is_file()
 
