@@ -175,6 +175,7 @@ def serve_emulator(
 
     def is_complete_adapter(state: AdapterState) -> bool:
         return set(state) == set(initial) and all(state[name].shape == initial[name].shape for name in initial)
+
     hand_out(
         run.exchange,
         LoadedModel(emulator.model, llm.tokenizer, "emulator"),
