@@ -32,6 +32,7 @@ from blindtune.privacy.text_privatisation import (
     template_lines,
     vocabulary_candidates,
 )
+from blindtune.report import markdown_table
 
 
 def attack_table(config_path: Path, epsilons: list[float], prompts: int) -> list[dict[str, Any]]:
@@ -74,16 +75,27 @@ def markdown(rows: list[dict[str, Any]], config: str) -> str:
     lines = [
         f"# FedCoT: recovery of private tokens from privatised prompts ({config})",
         "",
-        "| epsilon per prompt (max / mean) | epsilon per token (configured mean) | prompts | private tokens "
-        "| unchanged (nearest-neighbour top 1) | LLM-prior likelihood attack, top 1 |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['epsilon_per_prompt_max']:.0f} / {row['epsilon_per_prompt_mean']:.1f} "
-            f"| {row['epsilon_per_token_configured']:g} | {row['prompts']} | {row['private_tokens']} "
-            f"| {row['unchanged_rate']:.1%} | {row['lm_recovery_rate']:.1%} |"
-        )
+    header = [
+        "epsilon per prompt (max / mean)",
+        "epsilon per token (configured mean)",
+        "prompts",
+        "private tokens",
+        "unchanged (nearest-neighbour top 1)",
+        "LLM-prior likelihood attack, top 1",
+    ]
+    cells = [
+        [
+            f"{row['epsilon_per_prompt_max']:.0f} / {row['epsilon_per_prompt_mean']:.1f}",
+            f"{row['epsilon_per_token_configured']:g}",
+            str(row["prompts"]),
+            str(row["private_tokens"]),
+            f"{row['unchanged_rate']:.1%}",
+            f"{row['lm_recovery_rate']:.1%}",
+        ]
+        for row in rows
+    ]
+    lines += markdown_table(header, cells)
     return "\n".join(lines) + "\n"
 
 

@@ -21,17 +21,17 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from blindtune.config import EvalConfig
 from blindtune.data import load_task
 from blindtune.data.task import TaskData
-from blindtune.eval.leakage import adapter_gradient_cosine, perplexities
-from blindtune.eval.tasks import TaskEvaluator
+from blindtune.eval.leakage import adapter_gradient_cosine, capability_retained, chance_accuracy, perplexities
 from blindtune.models import load_model
 from blindtune.models.adapters import AdapterConfig, attach_adapter, plugged_in
 from blindtune.models.distill import public_texts
@@ -40,6 +40,7 @@ from blindtune.models.loading import LoadedModel
 from blindtune.training.loop import TrainConfig, train
 
 LORA = AdapterConfig(lora_rank=8, lora_alpha=16)
+VALIDATION = EvalConfig(split="validation", limit=None)  # variants are chosen on the validation split
 
 
 @dataclass
@@ -47,15 +48,6 @@ class Variant:
     name: str
     handout: HandoutConfig
     adapter_layers: str  # "ends": the bottom/top k layers; "all": every layer the hand-out has
-
-
-def validation_as_test(task: TaskData) -> TaskData:
-    """The evaluator scores `test`: point it at the validation split (variants are chosen there)."""
-    return replace(task, test=task.validation)
-
-
-def chance(task: TaskData) -> float:
-    return sum(1 / len(example.choices) for example in task.test) / len(task.test)
 
 
 def measure(
@@ -74,15 +66,15 @@ def measure(
     row.update(perplexities(llm.model, handout.model, llm.tokenizer, public_texts("wordnet:adj,adv").heldout))
     row["tasks"] = {}
     for name, task in tasks.items():
-        evaluate = TaskEvaluator(task, None, progress=False)
+        evaluate = VALIDATION.evaluator(task, progress=False)
         llm_accuracy = evaluate(llm.model, llm.tokenizer, "LLM", reuse=True)
         handout_accuracy = evaluate(handout.model, llm.tokenizer, "hand-out")
-        base = chance(task)
+        base = chance_accuracy(task.validation)
         row["tasks"][name] = {
             "chance": base,
             "llm": llm_accuracy,
             "handout": handout_accuracy,
-            "capability_retained": (handout_accuracy - base) / (llm_accuracy - base),
+            "capability_retained": capability_retained(handout_accuracy, llm_accuracy, base),
         }
     row["gradient_cosine"] = adapter_gradient_cosine(
         llm.model,
@@ -94,7 +86,7 @@ def measure(
         run_task.train[-8:],
     )
     budget = TrainConfig(steps=steps, batch_size=8, learning_rate=2e-3)
-    evaluate = TaskEvaluator(run_task, None, progress=False)
+    evaluate = VALIDATION.evaluator(run_task, progress=False)
     adapted = attach_adapter(copy.deepcopy(handout.model), layer_map, LORA, seed=seed)
     stats = train(adapted.model, llm.tokenizer, run_task.train, budget, seed=seed, progress=False)
     row["trained_on_handout"] = {
@@ -117,7 +109,7 @@ def trained_on_llm(llm: LoadedModel, task: TaskData, layers: tuple[int, ...], bu
     if layers not in _DIRECT:
         direct = attach_adapter(copy.deepcopy(llm.model), {i: i for i in layers}, LORA, seed=seed)
         train(direct.model, llm.tokenizer, task.train, budget, seed=seed, progress=False)
-        _DIRECT[layers] = TaskEvaluator(task, None, progress=False)(direct.model, llm.tokenizer, "on LLM")
+        _DIRECT[layers] = VALIDATION.evaluator(task, progress=False)(direct.model, llm.tokenizer, "on LLM")
     return _DIRECT[layers]
 
 
@@ -136,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     llm = load_model("smollm2-135m-instruct")
-    tasks = {name: validation_as_test(load_task(name, seed=args.seed)) for name in args.tasks}
+    tasks = {name: load_task(name, seed=args.seed) for name in args.tasks}
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in args.variants:
         name, rest = spec.split("=", 1)

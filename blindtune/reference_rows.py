@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from blindtune.config import RunConfig, flat_config
 from blindtune.models import load_model
@@ -49,17 +48,17 @@ def reference_key(name: str, config: RunConfig, llm_fingerprint: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def reference_path(name: str, config: RunConfig) -> Path:
-    fingerprint = model_fingerprint(load_model(config.model).model)
-    return cache_dir() / "reference_rows" / f"{name}-{reference_key(name, config, fingerprint)}.json"
+def llm_fingerprint(config: RunConfig) -> str:
+    """The identity of the run's LLM weights (one load per run: every row of the run shares it)."""
+    return model_fingerprint(load_model(config.model).model)
 
 
 def cached_reference(
-    name: str, config: RunConfig, compute: Callable[[], float], use_cache: bool = True
+    name: str, config: RunConfig, compute: Callable[[], float], fingerprint: str, use_cache: bool = True
 ) -> ReferenceRow:
     """The row's value from the cache when these inputs were computed before; else computed and stored."""
     started = time.perf_counter()
-    path = reference_path(name, config)
+    path = cache_dir() / "reference_rows" / f"{name}-{reference_key(name, config, fingerprint)}.json"
     if use_cache and path.is_file():
         value = float(json.loads(path.read_text())["value"])
         log.info("reference row %s from the cache (%s)", name, path)

@@ -33,7 +33,7 @@ from blindtune.methods import config_class, get_method
 from blindtune.methods.base import BaselineInputs
 from blindtune.models.device import placed
 from blindtune.preflight import check_model_fits
-from blindtune.reference_rows import cached_reference
+from blindtune.reference_rows import cached_reference, llm_fingerprint
 from blindtune.report import write_report
 from blindtune.run_folder import prepare_run_folder
 
@@ -105,15 +105,22 @@ def run_experiment(
     metrics: dict[str, float] = dict(result.metrics)
     placement = config.placement()
     references: dict[str, dict[str, Any]] = {}
-    with placed(placement):  # the reference rows compute where the federation did
+    wanted_rows = [
+        (name, compute)
         for name, wanted, compute in (
             ("centralized", config.baselines.centralized, method.centralized),
             ("local_only", config.baselines.local_only, method.local_only),
-        ):
-            if wanted:
-                row = cached_reference(name, config, functools.partial(compute, inputs), config.baselines.cache)
-                metrics[name] = row.value
-                references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
+        )
+        if wanted
+    ]
+    fingerprint = llm_fingerprint(config) if wanted_rows else ""
+    with placed(placement):  # the reference rows compute where the federation did
+        for name, compute in wanted_rows:
+            row = cached_reference(
+                name, config, functools.partial(compute, inputs), fingerprint, config.baselines.cache
+            )
+            metrics[name] = row.value
+            references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
 
     cost = dict(record.cost)
     train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in result.clients)
