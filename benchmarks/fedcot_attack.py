@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from blindtune.config import merge
 from blindtune.federation.apps import client_partitions
 from blindtune.methods import load_run_config
 from blindtune.methods.fedcot.client import input_embeddings
@@ -35,16 +36,19 @@ from blindtune.privacy.text_privatisation import (
 from blindtune.report import markdown_table
 
 
-def attack_table(config_path: Path, epsilons: list[float], prompts: int) -> list[dict[str, Any]]:
+def attack_table(
+    config_path: Path, epsilons: list[float], prompts: int, settings: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     rows = []
-    base = load_run_config(config_path)
+    base = load_run_config(config_path, settings)
     llm = load_model(base.model)
     slm = build_slm(llm, base, progress=False)
     table = input_embeddings(slm.model)
     mechanism = ExponentialMechanism(table, vocabulary_candidates(slm.tokenizer, table.shape[0]))
     attacker = LikelihoodAttacker(mechanism, llm.model)
     for epsilon in epsilons:
-        config = load_run_config(config_path, {"fedcot": {"privatisation": {"epsilon": epsilon}}})
+        privatisation = {"fedcot": {"privatisation": {"epsilon": epsilon}}}
+        config = load_run_config(config_path, merge(settings or {}, privatisation))
         method = config.method_config
         private = []
         for partition, examples in enumerate(client_partitions(config)):

@@ -15,16 +15,19 @@ def test_sweep_table_and_plot(tmp_path):
     rows = [
         {"epsilon": name, "accuracy": acc, "epsilon_per_token": eps, "epsilon_per_prompt": prompt,
          "epsilon_per_record": record, "recovery_rate": rate, "recovery_rate_top_k": rate, "rationales_kept": 9,
-         "ledger_passed": rate < 1}
-        for name, acc, eps, prompt, record, rate in (
-            ("1", 0.2, 1.0, 20.0, 28.0, 0.0), ("inf", 0.5, None, None, None, 1.0)
+         "ledger_passed": rate < 1, "lm_recovery_rate": attacked}
+        for name, acc, eps, prompt, record, rate, attacked in (
+            ("1", 0.2, 1.0, 20.0, 28.0, 0.0, 0.01), ("inf", 0.5, None, None, None, 1.0, 1.0)
         )
     ]  # fmt: skip
     table = {"config": "c.yaml", "references": {"label_only": 0.3}, "rows": rows}
     text = markdown_table(table)
     # The per-record epsilon leads each row; the per-token one is a detail further right.
     assert "| 28.000 | 20.000 | 0.200 | 1 | 1.000 |" in text and "label_only 0.300" in text
-    assert "| inf | inf | 0.500 | inf | inf | 1.000 |" in text
+    assert "| inf | inf | 0.500 | inf | inf | 1.000 | 1.000 |" in text
+    assert "| 0.000 | 0.010 |" in text  # the real attacker's recovery beside the unchanged-token rate
+    rows[0]["lm_recovery_rate"] = None  # not attacked: said so, not shown as an infinite epsilon
+    assert "| 0.000 | none |" in markdown_table(table)
     plot(table, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
@@ -39,6 +42,8 @@ def test_sweep_reuses_a_finished_run_of_the_same_config_only(tmp_path):
     assert finished_run(config, tmp_path) == {"metrics": {"plugin": 0.5}}
     other = tiny_run_config("fedcot", tiny_model_dir, {"seed": 1})
     assert finished_run(other, tmp_path) is None
+    elsewhere = tiny_run_config("fedcot", tiny_model_dir, {"federation": {"engine": "simulation"}})
+    assert finished_run(elsewhere, tmp_path) == {"metrics": {"plugin": 0.5}}  # same clients, other engine
 
 
 def test_a_sweep_row_reads_the_methods_privacy_figures():
@@ -50,3 +55,5 @@ def test_a_sweep_row_reads_the_methods_privacy_figures():
     row = sweep_row(3.0, results)
     assert row["epsilon"] == "3" and row["accuracy"] == 0.4 and row["epsilon_per_token"] == 2.0
     assert row["recovery_rate_top_k"] == 0.1 and row["rationales_kept"] == 7 and row["ledger_passed"] is True
+    assert row["lm_recovery_rate"] is None  # until the attack runs
+    assert sweep_row(math.inf, results)["lm_recovery_rate"] == 1.0  # at inf the prompt is sent as it is

@@ -131,6 +131,7 @@ class EmulatorSettings:
     train_top_layers: bool
     public_text: str
     privacy: LeakageConfig | None
+    adapt_middle_layers: bool = False
 
 
 @dataclass
@@ -157,7 +158,7 @@ def serve_emulator(
         "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
         "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
     }
-    layer_map = adapter_layer_map(emulator.plan, method.train_top_layers)
+    layer_map = adapter_layer_map(emulator.plan, method.train_top_layers, method.adapt_middle_layers)
     initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
     leakage = method.privacy
     privacy: dict[str, Any] | None = None

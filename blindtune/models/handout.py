@@ -26,7 +26,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from blindtune.models.compression import measure_importance
 from blindtune.models.distill import public_texts
-from blindtune.models.surgery import LayerPlan, build_emulator, decoder_layers, num_decoder_layers, plan_layers
+from blindtune.models.surgery import (
+    LayerPlan,
+    adapter_layer_map,
+    build_emulator,
+    decoder_layers,
+    num_decoder_layers,
+    plan_layers,
+)
 
 
 @dataclass
@@ -52,9 +59,10 @@ class Handout:
 
     def layer_map(self, which: str) -> dict[int, int]:
         """Hand-out position -> LLM layer of the layers that get adapters: `ends` or `all`."""
-        position = {i: i for i in range(self.plan.num_llm_layers)} if self.shared else self.plan.emulator_position_of
+        if not self.shared:
+            return adapter_layer_map(self.plan, middle=which == "all")
         sources = self.plan.adapter_layers if which == "ends" else self.plan.emulator_layers
-        return {position[source]: source for source in sources}
+        return {source: source for source in sources}  # full depth: position = LLM layer
 
 
 def _nonzero(layers: nn.ModuleList) -> int:

@@ -62,10 +62,11 @@ def plan_layers(num_llm_layers: int, adapter_layers_per_side: int, middle_keep_e
     )
 
 
-def adapter_layer_map(plan: LayerPlan, train_top: bool = True) -> dict[int, int]:
-    """Emulator position -> LLM layer index of the layers clients train: the bottom adapter layers, and
-    the top ones unless `train_top` is False (they then ship as frozen copies of the LLM's)."""
-    trained = plan.bottom + (plan.top if train_top else ())
+def adapter_layer_map(plan: LayerPlan, train_top: bool = True, middle: bool = False) -> dict[int, int]:
+    """Emulator position -> LLM layer index of the layers clients train: the bottom adapter layers, the
+    kept middle layers when `middle`, and the top ones unless `train_top` is False (they then ship as
+    frozen copies of the LLM's)."""
+    trained = plan.bottom + (plan.middle if middle else ()) + (plan.top if train_top else ())
     return {plan.emulator_position_of[source]: source for source in trained}
 
 

@@ -33,7 +33,8 @@ class OffsiteTuning(Method):
         """The same adapter layers trained directly on the full LLM with the pooled client data."""
         method: OffsiteConfig = inputs.config.method_config
         llm = load_model(inputs.config.model)
-        layers = tuple(adapter_layer_map(emulator_plan(llm, method), method.train_top_layers).values())
+        plan = emulator_plan(llm, method)
+        layers = tuple(adapter_layer_map(plan, method.train_top_layers, method.adapt_middle_layers).values())
         return centralized_adapter(inputs, llm, layers, method.adapter)
 
     def local_only(self, inputs: BaselineInputs) -> float:
@@ -42,7 +43,11 @@ class OffsiteTuning(Method):
         llm = load_model(inputs.config.model)
         plan, emulator = handed_out_emulator(llm, inputs.config, inputs.progress)
         return local_only_adapter(
-            inputs, llm, emulator.model, adapter_layer_map(plan, method.train_top_layers), method.adapter
+            inputs,
+            llm,
+            emulator.model,
+            adapter_layer_map(plan, method.train_top_layers, method.adapt_middle_layers),
+            method.adapter,
         )
 
 

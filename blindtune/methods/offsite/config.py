@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blindtune.eval.leakage import LeakageConfig
-from blindtune.models.adapters import AdapterConfig
+from blindtune.models.adapters import AdapterConfig, AdapterKind
 from blindtune.models.distill import DistillConfig
 
 
@@ -13,7 +13,12 @@ from blindtune.models.distill import DistillConfig
 class OffsiteConfig:
     """The emulator the server hands out and the adapter clients train on it.
 
-    adapter_layers_per_side: the bottom and top k decoder layers form the adapter.
+    adapter_layers_per_side: the bottom and top k decoder layers are kept intact in the emulator.
+    adapter_layers: where clients train the adapter: `ends` (the bottom and top k layers, as in
+        Offsite-Tuning) or `all` (every layer the emulator has, the pruned middle ones included). With a
+        full-depth, channel-pruned hand-out, adapters throughout transfer far better: the top layers
+        then need not learn to read a middle the LLM does not have
+        (benchmarks/results/handout-recipes).
     middle_keep_every: the emulator keeps 1 of every n middle layers (uniform layer drop).
     middle_mlp_keep: share of the MLP channels each kept middle layer keeps, the most important ones on
         the public text (training-free channel pruning, as GradOT prunes MLPs; 1: all). See
@@ -30,6 +35,7 @@ class OffsiteConfig:
     """
 
     adapter_layers_per_side: int = 3
+    adapter_layers: str = "ends"
     middle_keep_every: int = 3
     middle_mlp_keep: float = 1.0
     train_top_layers: bool = True
@@ -38,3 +44,16 @@ class OffsiteConfig:
     public_text: str = "wordnet:adj,adv"
     privacy: LeakageConfig | None = field(default_factory=LeakageConfig)
     cache_emulator: bool = True
+
+    def __post_init__(self) -> None:
+        if self.adapter_layers not in ("ends", "all"):
+            raise ValueError(f"offsite.adapter_layers must be 'ends' or 'all', got {self.adapter_layers!r}")
+        if self.adapter_layers == "all" and not self.train_top_layers:
+            raise ValueError("offsite.adapter_layers: all trains every layer; train_top_layers: false contradicts it")
+        if self.adapter_layers == "all" and self.adapter.kind is AdapterKind.LAYERS:
+            # Whole trained middle layers would carry the hand-out's pruned MLPs into the LLM.
+            raise ValueError("offsite.adapter_layers: all needs a LoRA adapter (adapter.kind: lora), not whole layers")
+
+    @property
+    def adapt_middle_layers(self) -> bool:
+        return self.adapter_layers == "all"

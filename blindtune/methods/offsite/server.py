@@ -70,7 +70,10 @@ def run_server(run: ServerRun) -> ServerResult:
         "llm_layers": plan.num_llm_layers,
         "emulator_layers": list(plan.emulator_layers),
         "middle_mlp_keep": method.middle_mlp_keep,
+        "adapter_layers": method.adapter_layers,
         "distilled": method.distill is not None,
     }
-    settings = EmulatorSettings(method.adapter, method.train_top_layers, method.public_text, method.privacy)
+    settings = EmulatorSettings(
+        method.adapter, method.train_top_layers, method.public_text, method.privacy, method.adapt_middle_layers
+    )
     return serve_emulator(run, llm, HandedOutEmulator(plan, emulator.model, details=details), settings)
