@@ -33,7 +33,7 @@ from blindtune.federation.adapter_rounds import (
     train_round,
 )
 from blindtune.federation.records import MessageKind
-from blindtune.federation.strategies import configured_strategy
+from blindtune.federation.strategies import FedAvg, configured_strategy
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerResult, ServerRun
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter, plugged_in, untrained_adapter_state
 from blindtune.models.distill import public_texts
@@ -61,16 +61,15 @@ def answer_client(kind: MessageKind, content: RecordDict, run: ClientRun, adapte
 
 def federate(
     run: ServerRun,
-    adapter: AdapterConfig,
+    strategy: FedAvg,
     initial: AdapterState,
     llm: nn.Module,
     evaluate: Callable[[nn.Module, int], float],
     diagnose: Callable[[AdapterState, int], dict[str, float]] | None = None,
 ) -> RoundsOutcome:
-    """The configured rounds of adapter training, with the configured strategy."""
-    config = run.config
-    settings = RoundSettings.of_run(config, run.out_dir / "checkpoints", run.resume)
-    strategy = configured_strategy(config.federation, adapter)
+    """The configured rounds of adapter training with `strategy` (the run's `configured_strategy`, which
+    the caller also uses to put the global adapter on the hand-out)."""
+    settings = RoundSettings.of_run(run.config, run.out_dir / "checkpoints", run.resume)
     return run_rounds(run.exchange, initial, settings, strategy, llm, evaluate, diagnose)
 
 
@@ -200,7 +199,7 @@ def serve_emulator(
             "gradient_cosine": gradient_cosine(state),
         }
 
-    outcome = federate(run, method.adapter, initial, llm.model, evaluate_plugin, transfer)
+    outcome = federate(run, strategy, initial, llm.model, evaluate_plugin, transfer)
     metrics["plugin"] = outcome.history[-1]["plugin"]
     result = ServerResult(metrics, outcome.history, outcome.clients, details={"emulator": emulator.details})
     final = outcome.history[-1]

@@ -13,7 +13,6 @@ from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.methods.offsite.server import emulator_plan, handed_out_emulator, run_server
 from blindtune.models import load_model
 from blindtune.models.adapters import AdapterConfig
-from blindtune.models.surgery import adapter_layer_map
 
 
 class OffsiteTuning(Method):
@@ -33,8 +32,7 @@ class OffsiteTuning(Method):
         """The same adapter layers trained directly on the full LLM with the pooled client data."""
         method: OffsiteConfig = inputs.config.method_config
         llm = load_model(inputs.config.model)
-        plan = emulator_plan(llm, method)
-        layers = tuple(adapter_layer_map(plan, method.train_top_layers, method.adapt_middle_layers).values())
+        layers = tuple(method.trained_layers(emulator_plan(llm, method)).values())
         return centralized_adapter(inputs, llm, layers, method.adapter)
 
     def local_only(self, inputs: BaselineInputs) -> float:
@@ -42,13 +40,7 @@ class OffsiteTuning(Method):
         method: OffsiteConfig = inputs.config.method_config
         llm = load_model(inputs.config.model)
         plan, emulator = handed_out_emulator(llm, inputs.config, inputs.progress)
-        return local_only_adapter(
-            inputs,
-            llm,
-            emulator.model,
-            adapter_layer_map(plan, method.train_top_layers, method.adapt_middle_layers),
-            method.adapter,
-        )
+        return local_only_adapter(inputs, llm, emulator.model, method.trained_layers(plan), method.adapter)
 
 
 register_method(OffsiteTuning())

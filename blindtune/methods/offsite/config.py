@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from blindtune.eval.leakage import LeakageConfig
 from blindtune.models.adapters import AdapterConfig, AdapterKind
 from blindtune.models.distill import DistillConfig
+from blindtune.models.surgery import LayerPlan, adapter_layer_map
 
 
 @dataclass
@@ -57,3 +58,7 @@ class OffsiteConfig:
     @property
     def adapt_middle_layers(self) -> bool:
         return self.adapter_layers == "all"
+
+    def trained_layers(self, plan: LayerPlan) -> dict[int, int]:
+        """Emulator position -> LLM layer of the layers clients train on an emulator of `plan`."""
+        return adapter_layer_map(plan, self.train_top_layers, self.adapt_middle_layers)
