@@ -247,7 +247,8 @@ def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], prog
     artefact = load_artefact(workdir)
     result: dict[str, Any] = {
         "artefact": "what the server handed to clients (client-0's stored copy)",
-        "artefact_parameters": sum(p.numel() for p in artefact.model.parameters()),
+        # Non-zero entries: a pruned channel ships as zeros, so it hands out none of the LLM's weights.
+        "artefact_parameters": sum(int(torch.count_nonzero(p)) for p in artefact.model.parameters()),
         "llm_parameters": sum(p.numel() for p in llm.model.parameters()),
         "llm_accuracy": metrics.get("llm_zero_shot"),
         "plugin_accuracy": metrics.get("plugin"),

@@ -14,12 +14,18 @@ from blindtune.models.surgery import LayerPlan, adapter_layer_map
 class OffsiteConfig:
     """The emulator the server hands out and the adapter clients train on it.
 
+    The defaults are blindtune's recipe (the demo's): a full-depth hand-out whose middle layers keep 10%
+    of their MLP channels, useless alone, with LoRA on every layer, which carries to the LLM what the
+    clients learn (benchmarks/results/handout-recipes). Offsite-Tuning's own emulator is
+    `middle_keep_every: 3`, `middle_mlp_keep: 1.0`, `adapter_layers: ends`.
+
     adapter_layers_per_side: the bottom and top k decoder layers are kept intact in the emulator.
     adapter_layers: where clients train the adapter: `ends` (the bottom and top k layers, as in
         Offsite-Tuning) or `all` (every layer the emulator has, the pruned middle ones included). With a
         full-depth, channel-pruned hand-out, adapters throughout transfer far better: the top layers
         then need not learn to read a middle the LLM does not have
-        (benchmarks/results/handout-recipes).
+        (benchmarks/results/handout-recipes). Unset: `all` for a LoRA adapter trained on top and bottom
+        layers, else `ends` (whole trained layers would carry the pruned MLPs into the LLM).
     middle_keep_every: the emulator keeps 1 of every n middle layers (uniform layer drop).
     middle_mlp_keep: share of the MLP channels each kept middle layer keeps, the most important ones on
         the public text (training-free channel pruning, as GradOT prunes MLPs; 1: all). See
@@ -36,9 +42,9 @@ class OffsiteConfig:
     """
 
     adapter_layers_per_side: int = 3
-    adapter_layers: str = "ends"
-    middle_keep_every: int = 3
-    middle_mlp_keep: float = 1.0
+    adapter_layers: str | None = None
+    middle_keep_every: int = 1
+    middle_mlp_keep: float = 0.1
     train_top_layers: bool = True
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     distill: DistillConfig | None = None
@@ -47,6 +53,9 @@ class OffsiteConfig:
     cache_emulator: bool = True
 
     def __post_init__(self) -> None:
+        if self.adapter_layers is None:
+            lora_throughout = self.adapter.kind is AdapterKind.LORA and self.train_top_layers
+            self.adapter_layers = "all" if lora_throughout else "ends"
         if self.adapter_layers not in ("ends", "all"):
             raise ValueError(f"offsite.adapter_layers must be 'ends' or 'all', got {self.adapter_layers!r}")
         if self.adapter_layers == "all" and not self.train_top_layers:

@@ -37,3 +37,13 @@ def test_adapter_layers_is_ends_or_all(tiny_model_dir):
     whole_layers = {"adapter_layers": "all", "adapter": {"kind": "layers"}}
     with pytest.raises(ConfigError, match="LoRA"):  # the pruned middle layers would replace the LLM's
         tiny_run_config("offsite", tiny_model_dir, {"offsite": whole_layers})
+
+
+def test_the_defaults_are_the_recipe_and_adapter_layers_follows_the_adapter(tiny_model_dir):
+    """Unset, a user's offsite section gets the demo's hand-out (full depth, 10% of the middle MLP
+    channels) with LoRA on every layer; whole-layer adapters or bottom-only training fall back to the
+    ends instead of failing on a setting the user never wrote."""
+    recipe = tiny_run_config("offsite", tiny_model_dir).method_config
+    assert (recipe.middle_keep_every, recipe.middle_mlp_keep, recipe.adapter_layers) == (1, 0.1, "all")
+    for unset in ({"adapter": {"kind": "layers"}}, {"train_top_layers": False}):
+        assert tiny_run_config("offsite", tiny_model_dir, {"offsite": unset}).method_config.adapter_layers == "ends"
