@@ -42,7 +42,7 @@ from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.methods.offsite.server import emulator_plan
 from blindtune.models import DEFAULT_MODEL, load_model
 from blindtune.models.adapters import AdapterConfig, attach_adapter
-from blindtune.models.surgery import adapter_layer_map, build_emulator
+from blindtune.models.surgery import build_emulator
 from blindtune.training import TrainConfig, train
 from blindtune.training.loop import batches
 
@@ -140,7 +140,7 @@ def measure_throughput(
     emulator = build_emulator(llm.model, plan)
     tokenizer = llm.tokenizer
     del llm
-    layer_map = adapter_layer_map(plan, method.train_top_layers)
+    layer_map = method.trained_layers(plan)
     ours = attach_adapter(copy.deepcopy(emulator), layer_map, method.adapter, seed=0).model.to(chosen)
     bare = bare_lora(copy.deepcopy(emulator), list(layer_map), method.adapter, seed=0).to(chosen)
     examples = load_task(task).train
