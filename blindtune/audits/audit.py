@@ -41,7 +41,7 @@ from blindtune.federation.checkpoint import latest_checkpoint
 from blindtune.federation.strategies import FedAvg, configured_strategy
 from blindtune.methods import Method, get_method, run_config_from_dict
 from blindtune.models import load_model
-from blindtune.models.artefact import has_artefact, load_artefact
+from blindtune.models.artefact import has_artefact, load_artefact, stored_mlp_channels
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.context import PrivacyNotAppliedError
 from blindtune.report import ResultsError, write_report
@@ -268,8 +268,13 @@ def misuse_audit(config: RunConfig, out_dir: Path, metrics: dict[str, Any], prog
     strategy = _strategy(config)
     if strategy is not None:
         layer_map = {int(k): v for k, v in json.loads((workdir / LAYER_MAP_FILE).read_text()).items()}
-        adapted = strategy.prepare_client(artefact.model, final_adapter(out_dir), layer_map, None, config.seed)
-        result["artefact_adapted_accuracy"] = evaluate(adapted.model, artefact.tokenizer, "artefact + adapter")
+        channels = stored_mlp_channels(workdir)  # a compact artefact takes the adapter cut to its channels
+        adapter = channels.compact_state(final_adapter(out_dir), layer_map)
+        adapted = strategy.prepare_client(artefact.model, adapter, layer_map, None, config.seed)
+        # The server scored the final adapter on its copy of the hand-out already (the transfer gap's row).
+        result["artefact_adapted_accuracy"] = metrics.get("plugin_on_hand_out")
+        if result["artefact_adapted_accuracy"] is None:
+            result["artefact_adapted_accuracy"] = evaluate(adapted.model, artefact.tokenizer, "artefact + adapter")
         result["artefact_adapted_perplexity"] = perplexity(
             adapted.model, artefact.tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=False
         )

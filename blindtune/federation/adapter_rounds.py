@@ -30,7 +30,15 @@ from blindtune.federation.rounds import Exchange, TooFewClientsError
 from blindtune.federation.secagg import secure_round
 from blindtune.federation.strategies import FedAvg
 from blindtune.models.adapters import AdapterState
-from blindtune.models.artefact import ArtefactSpec, describe, load_artefact, save_artefact, unique_state_dict
+from blindtune.models.artefact import (
+    ArtefactSpec,
+    describe,
+    load_artefact,
+    save_artefact,
+    stored_mlp_channels,
+    unique_state_dict,
+)
+from blindtune.models.compact import compacted
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.context import active_client_privacy, active_server_privacy, require_client_dp
 from blindtune.privacy.secagg import secagg_summary
@@ -54,11 +62,16 @@ LAYER_MAP_FILE = "adapter_layers.json"
 
 
 def hand_out(exchange: Exchange, artefact: LoadedModel, layer_map: dict[int, int], min_replies: int) -> None:
-    """Send the artefact (weights, config, tokenizer) and its adapter layer map to every client."""
+    """Send the artefact (weights, config, tokenizer) and its adapter layer map to every client.
+
+    Channels the artefact zeroed are not sent: clients get it compact (`blindtune.models.compact`)
+    and train at its real size, while the adapters still travel in the LLM's shapes."""
+    model, channels = compacted(artefact.model)
+    shipped = LoadedModel(model, artefact.tokenizer, artefact.name)
     setup = RecordDict(
         {
-            RecordKey.ARTEFACT: tensors_to_record(unique_state_dict(artefact.model)),
-            RecordKey.ARTEFACT_SPEC: ConfigRecord({"json": describe(artefact).to_json()}),
+            RecordKey.ARTEFACT: tensors_to_record(unique_state_dict(model)),
+            RecordKey.ARTEFACT_SPEC: ConfigRecord({"json": describe(shipped, channels).to_json()}),
             RecordKey.INSTRUCTIONS: ConfigRecord(
                 {ADAPTER_POSITIONS: list(layer_map), ADAPTER_SOURCES: list(layer_map.values())}
             ),
@@ -318,12 +331,17 @@ def train_round(
     lora_rank: int | None = None,
 ) -> RecordDict:
     """Load the stored artefact, attach the global adapter as the strategy says, train on private
-    examples, reply with the trained part of the adapter."""
+    examples, reply with the trained part of the adapter (in the LLM's shapes, also from a compact
+    artefact)."""
     artefact = load_artefact(workdir)
+    channels = stored_mlp_channels(workdir)
     layer_map = {int(k): v for k, v in json.loads((workdir / LAYER_MAP_FILE).read_text()).items()}
     seed = int(number(content, RecordKey.INSTRUCTIONS, SEED))
     round_number = int(number(content, RecordKey.INSTRUCTIONS, ROUND))
-    adapted = strategy.prepare_client(artefact.model, arrays(content, RecordKey.ADAPTER), layer_map, lora_rank, seed)
+    received = arrays(content, RecordKey.ADAPTER)
+    adapted = strategy.prepare_client(
+        artefact.model, channels.compact_state(received, layer_map), layer_map, lora_rank, seed
+    )
     train_config = dataclasses.replace(train_config, proximal_mu=number(content, RecordKey.INSTRUCTIONS, PROXIMAL_MU))
     privacy = active_client_privacy()
     dp_metrics: dict[str, float | int] = {}
@@ -364,7 +382,7 @@ def train_round(
     )
     return RecordDict(
         {
-            RecordKey.ADAPTER: tensors_to_record(adapted.state()),
+            RecordKey.ADAPTER: tensors_to_record(channels.full_state(adapted.state(), received, layer_map)),
             RecordKey.METRICS: MetricRecord(
                 {"num_examples": len(examples), "train_seconds": stats.seconds, **data_metrics, **dp_metrics}
             ),

@@ -114,6 +114,7 @@ class SimulatedNodes:
 
     cpus: float = 1.0
     gpus: float = 0.0
+    total_cpus: int | None = None  # the CPUs Ray schedules clients on (None: the machine's cores)
 
 
 @dataclass
@@ -343,6 +344,7 @@ class Deployment:
                 "num-supernodes": self.num_clients,
                 "client-resources-num-cpus": simulation.cpus,
                 "client-resources-num-gpus": simulation.gpus,
+                **({"init-args-num-cpus": simulation.total_cpus} if simulation.total_cpus else {}),
                 "init-args-logging-level": "WARNING",
                 "verbose": log.isEnabledFor(logging.DEBUG),
             }

@@ -150,11 +150,20 @@ def run_federation(
 
 
 def simulated_nodes(num_clients: int, gpu: bool) -> SimulatedNodes:
-    """One CPU per virtual client: on a 2-core machine clients then train side by side without
-    fighting over cores. With a GPU, an equal share each: Ray runs them side by side on it."""
+    """Every virtual client at once, each on an equal share of the cores (at least one thread).
+
+    Ray runs as many clients side by side as its CPU count allows, in waves. With more clients than
+    cores (3 on 2) the last wave would leave cores idle for a whole client's training, so Ray is told
+    of one CPU per client, up to two per core (each running client holds a model copy): they then
+    share the cores. With a GPU, an equal share of it each."""
     from blindtune.federation.deployment import SimulatedNodes
 
-    return SimulatedNodes(cpus=max(1, (os.cpu_count() or 2) // 2), gpus=1.0 / num_clients if gpu else 0.0)
+    cores = os.cpu_count() or 2
+    return SimulatedNodes(
+        cpus=max(1, cores // num_clients),
+        gpus=1.0 / num_clients if gpu else 0.0,
+        total_cpus=max(cores, min(num_clients, 2 * cores)),
+    )
 
 
 def leftover_threads() -> list[threading.Thread]:

@@ -36,6 +36,7 @@ from blindtune.federation.records import MessageKind
 from blindtune.federation.strategies import FedAvg, configured_strategy
 from blindtune.methods.base import BaselineInputs, ClientRun, ServerResult, ServerRun
 from blindtune.models.adapters import AdapterConfig, AdapterState, attach_adapter, plugged_in, untrained_adapter_state
+from blindtune.models.compact import compacted
 from blindtune.models.distill import public_texts
 from blindtune.models.loading import LoadedModel
 from blindtune.models.surgery import LayerPlan, adapter_layer_map
@@ -153,16 +154,19 @@ def serve_emulator(
     config = run.config
     task = config.load_task()
     evaluate = config.eval.evaluator(task, run.progress)
+    # What clients get, at its real size (the same function as `emulator.model`, cheaper to score).
+    compact, channels = compacted(emulator.model)
     metrics = {
         "llm_zero_shot": evaluate(llm.model, llm.tokenizer, "LLM zero-shot", reuse=True),
-        "emulator_zero_shot": evaluate(emulator.model, llm.tokenizer, "emulator zero-shot"),
+        "emulator_zero_shot": evaluate(compact, llm.tokenizer, "emulator zero-shot"),
     }
     layer_map = adapter_layer_map(emulator.plan, method.train_top_layers, method.adapt_middle_layers)
     initial = untrained_adapter_state(copy.deepcopy(emulator.model), layer_map, method.adapter, config.seed)
     leakage = method.privacy
     privacy: dict[str, Any] | None = None
     if leakage is not None:
-        privacy = measure_leakage(run, llm, emulator, method.public_text, leakage, task, metrics)
+        measured = dataclasses.replace(emulator, model=compact)
+        privacy = measure_leakage(run, llm, measured, method.public_text, leakage, task, metrics)
     gradient_examples = task.validation[: leakage.gradient_examples if leakage else 8] or task.train[:8]
 
     def gradient_cosine(state: AdapterState) -> float:
@@ -193,7 +197,9 @@ def serve_emulator(
         the plug-in's is the transfer gap) and the cosine of its gradients on the hand-out and the LLM."""
         if not is_complete_adapter(state):  # FLoRA's stack of products: no single adapter to measure
             return {}
-        on_hand_out = strategy.prepare_client(copy.deepcopy(emulator.model), state, layer_map, None, config.seed)
+        on_hand_out = strategy.prepare_client(
+            copy.deepcopy(compact), channels.compact_state(state, layer_map), layer_map, None, config.seed
+        )
         return {
             "hand_out": evaluate(on_hand_out.model, llm.tokenizer, f"on the hand-out, round {round_number}"),
             "gradient_cosine": gradient_cosine(state),
@@ -227,11 +233,16 @@ def centralized_adapter(
 def local_only_adapter(
     inputs: BaselineInputs, llm: LoadedModel, artefact: nn.Module, layer_map: dict[int, int], adapter: AdapterConfig
 ) -> float:
-    """Lower bound: client 0 trains the adapter on the artefact alone; plugged into the LLM."""
+    """Lower bound: client 0 trains the adapter on the artefact alone, compact as clients get it
+    (`hand_out`), from the federation's starting adapter; plugged into the LLM."""
     config = inputs.config
-    adapted = attach_adapter(artefact, layer_map, adapter, seed=config.seed)
+    initial = untrained_adapter_state(copy.deepcopy(artefact), layer_map, adapter, config.seed)
+    model, channels = compacted(artefact)
+    adapted = attach_adapter(model, layer_map, adapter, seed=config.seed)
+    adapted.load_state(channels.compact_state(initial, layer_map))
     inputs.train_reference(
         adapted.model, llm.tokenizer, inputs.client_examples[0], "local only", inputs.client_budget()
     )
-    with plugged_in(llm.model, adapted.state(), adapter) as plugged:
+    trained = channels.full_state(adapted.state(), initial, layer_map)
+    with plugged_in(llm.model, trained, adapter) as plugged:
         return inputs.evaluate(plugged, llm.tokenizer, "local only")

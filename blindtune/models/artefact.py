@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from blindtune.models.compact import MlpChannels, shrink_mlps
 from blindtune.models.device import place
 from blindtune.models.loading import LoadedModel
 
@@ -38,19 +39,29 @@ _built: dict[tuple[Path, str], LoadedModel] = {}
 
 @dataclass
 class ArtefactSpec:
-    """Everything but the weights: `config` is the HF config JSON, `tokenizer` the tokenizer.json text."""
+    """Everything but the weights: `config` is the HF config JSON, `tokenizer` the tokenizer.json text,
+    `mlp_channels` the MLP channels a compact hand-out kept (`blindtune.models.compact`; none: full)."""
 
     config: str
     tokenizer: str
     special_tokens: dict[str, str]
+    mlp_channels: MlpChannels = field(default_factory=MlpChannels)
 
     def to_json(self) -> str:
-        return json.dumps({"config": self.config, "tokenizer": self.tokenizer, "special_tokens": self.special_tokens})
+        return json.dumps(
+            {
+                "config": self.config,
+                "tokenizer": self.tokenizer,
+                "special_tokens": self.special_tokens,
+                "mlp_channels": self.mlp_channels.to_json(),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> ArtefactSpec:
         data = json.loads(text)
-        return cls(config=data["config"], tokenizer=data["tokenizer"], special_tokens=data["special_tokens"])
+        channels = MlpChannels.from_json(data["mlp_channels"]) if "mlp_channels" in data else MlpChannels()
+        return cls(data["config"], data["tokenizer"], data["special_tokens"], channels)
 
 
 def unique_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -65,7 +76,7 @@ def unique_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return unique
 
 
-def describe(loaded: LoadedModel) -> ArtefactSpec:
+def describe(loaded: LoadedModel, mlp_channels: MlpChannels | None = None) -> ArtefactSpec:
     tokenizer = loaded.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -75,13 +86,15 @@ def describe(loaded: LoadedModel) -> ArtefactSpec:
         for key in ("bos_token", "eos_token", "pad_token", "unk_token")
         if (value := getattr(tokenizer, key, None)) is not None
     }
-    return ArtefactSpec(config=loaded.model.config.to_json_string(), tokenizer=backend.to_str(), special_tokens=special)
+    config = loaded.model.config.to_json_string()
+    return ArtefactSpec(config, backend.to_str(), special, mlp_channels or MlpChannels())
 
 
 def build_from_parts(spec: ArtefactSpec, tensors: dict[str, torch.Tensor]) -> LoadedModel:
     config_data = json.loads(spec.config)
     config = AutoConfig.for_model(config_data.pop("model_type"), **config_data)
     model = AutoModelForCausalLM.from_config(config)
+    shrink_mlps(model, spec.mlp_channels)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     model.tie_weights()
     untied_missing = [name for name in missing if not _is_tied_copy(model, name, tensors)]
@@ -122,6 +135,11 @@ def save_artefact(directory: Path, spec: ArtefactSpec, tensors: dict[str, torch.
         os.close(handle)
         write(temporary)
         os.replace(temporary, directory / name)
+
+
+def stored_mlp_channels(directory: Path) -> MlpChannels:
+    """The MLP channels the stored artefact kept of the LLM's (empty: not a compact hand-out)."""
+    return ArtefactSpec.from_json((directory / _SPEC).read_text()).mlp_channels
 
 
 def has_artefact(directory: Path) -> bool:

@@ -8,7 +8,8 @@ Two training-free ways to make the middle of the LLM useless alone, composable:
 - channel pruning (GradOT/ScaleOT-style width compression): in every middle layer the hand-out keeps
   `middle_mlp_keep` of the MLP channels, the most important ones on public text
   (`blindtune.models.compression.measure_importance`); the others are zeroed in gate/up/down, so
-  their weights never leave the server and the layer keeps the LLM's shapes.
+  their weights never leave the server. The server keeps the LLM's shapes; clients get the hand-out
+  without those channels (`blindtune.models.compact`), which halves their compute.
 
 The bottom and top `adapter_layers_per_side` layers stay exact copies: adapters trained on them fit
 the LLM again. With no layer dropped every hand-out layer is an LLM layer at the same depth, so
