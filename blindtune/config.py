@@ -129,6 +129,8 @@ class EvalConfig:
     batch_size: examples per forward pass.
     length_normalized: score options by log-likelihood per character (acc_norm).
     every_round: evaluate the plugged-in LLM after every round (else only after the last).
+    round_limit: the rounds before the last score only the first `round_limit` of those examples (their
+        trend, at less cost); the last round, the run's result, always scores all of them. None: all.
     max_new_tokens: generation tasks (GSM8K): tokens generated per answer at most.
     """
 
@@ -138,9 +140,10 @@ class EvalConfig:
     length_normalized: bool = False
     every_round: bool = True
     max_new_tokens: int = 256
+    round_limit: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("limit", "batch_size", "max_new_tokens"):
+        for name in ("limit", "batch_size", "max_new_tokens", "round_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
@@ -150,7 +153,9 @@ class EvalConfig:
     def evaluator(self, task: TaskData, progress: bool = True) -> TaskEvaluator:
         if self.split == "validation":  # the evaluator scores `test`: point it at the validation split
             task = dataclasses.replace(task, test=task.validation)
-        return TaskEvaluator(task, self.limit, self.batch_size, self.length_normalized, self.max_new_tokens, progress)
+        return TaskEvaluator(
+            task, self.limit, self.batch_size, self.length_normalized, self.max_new_tokens, progress, self.round_limit
+        )
 
 
 @dataclass

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 # Settings that do not change a reference row: how the federation runs, which rows are asked for,
 # what is measured besides accuracy (the hand-out's leakage), the audits and privacy reports.
-NOT_DECIDING_PREFIXES = ("baselines.", "privacy.audit.", "eval.every_round", "federation.engine")
+NOT_DECIDING_PREFIXES = ("baselines.", "privacy.audit.", "eval.every_round", "eval.round_limit", "federation.engine")
 NOT_DECIDING_PARTS = (".privacy.",)
 
 

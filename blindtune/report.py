@@ -94,7 +94,7 @@ def write_report(runs: Sequence[dict[str, Any]], out_dir: Path, title: str = "bl
     lines += [f"![{plot.stem.replace('_', ' ')}]({plot.name})" for plot in plots]
     for label, run in zip(labels, runs, strict=True):
         if run.get("history"):
-            lines += ["", f"## Rounds: {label}", "", *rows_table(run["history"], scores_nll(run))]
+            lines += ["", f"## Rounds: {label}", "", *round_scope(run), *rows_table(run["history"], scores_nll(run))]
     for label, run in zip(labels, runs, strict=True):
         if run.get("clients"):
             lines += ["", f"## Clients: {label}", "", *rows_table(run["clients"])]
@@ -147,6 +147,16 @@ def summary_table(runs: Sequence[dict[str, Any]]) -> list[str]:
         for run in runs
     ]
     return markdown_table(header, rows)
+
+
+def round_scope(run: dict[str, Any]) -> list[str]:
+    """A line saying so when the rounds before the last were scored on fewer examples than the last."""
+    settings = run.get("config", {}).get("eval", {})
+    subset, limit = settings.get("round_limit"), settings.get("limit")
+    if subset is None or (limit is not None and subset >= limit):
+        return []
+    scope = f"all {limit}" if limit is not None else "all"
+    return [f"Rounds before the last: scores on the first {subset} evaluation examples; the last round on {scope}.", ""]
 
 
 def rows_table(rows: Sequence[dict[str, Any]], nll: bool = False) -> list[str]:

@@ -172,3 +172,14 @@ def test_the_federation_gain_reads_as_points_beside_the_public_only_llm():
     # an instruction run's rows are response NLLs, not accuracies
     assert format_metric("plugin", 1.393, nll=True) == "1.393 nats/token"
     assert format_metric("plugin", 0.95, nll=True) == "0.950 nats/token"
+
+
+def test_the_rounds_table_says_when_earlier_rounds_were_scored_on_fewer_examples():
+    from blindtune.report import round_scope
+
+    assert round_scope({"config": {"eval": {"limit": 500, "round_limit": 200}}}) == [
+        "Rounds before the last: scores on the first 200 evaluation examples; the last round on all 500.",
+        "",
+    ]
+    assert round_scope({"config": {"eval": {"limit": 200, "round_limit": 200}}}) == []
+    assert round_scope({"config": {"eval": {"limit": 500}}}) == []

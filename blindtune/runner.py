@@ -13,11 +13,13 @@ import dataclasses
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
@@ -27,13 +29,13 @@ from blindtune.config import RunConfig
 from blindtune.data import TaskKind
 from blindtune.federation.apps import FEDERATION_RESULT, FederationRecord, build_apps, client_partitions
 from blindtune.federation.deployment import AppComponents, DeploymentOptions, TlsFiles, run_deployment
-from blindtune.federation.engine import run_federation
+from blindtune.federation.engine import Engine, run_federation
 from blindtune.federation.flower_app import DeployedApps
 from blindtune.methods import config_class, get_method
 from blindtune.methods.base import BaselineInputs
 from blindtune.models.device import placed
 from blindtune.preflight import check_model_fits
-from blindtune.reference_rows import cached_reference, llm_fingerprint
+from blindtune.reference_rows import ReferenceRow, cached_reference, llm_fingerprint
 from blindtune.report import write_report
 from blindtune.run_folder import prepare_run_folder
 
@@ -86,6 +88,20 @@ def run_experiment(
     started = time.perf_counter()
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
+    inputs = BaselineInputs(
+        config=config,
+        task=config.load_task(),
+        client_examples=client_partitions(config),
+        progress=progress,
+    )
+    rows = functools.partial(reference_rows, inputs)
+    # The reference rows need nothing from the federation: while it runs in other processes (Flower's
+    # simulation runtime, a deployment), they are computed here at the same time instead of after it.
+    beside = None
+    elsewhere = federation is not None or config.federation.engine is not Engine.INPROCESS
+    if elsewhere and (config.baselines.centralized or config.baselines.local_only):
+        beside = RowsBeside(rows)
+        beside.start()
     (federation or local_federation(progress))(config, out_dir, resume)
     if not federation_file.is_file():
         raise RunFailedError(f"the federation ended without writing {federation_file}")
@@ -94,33 +110,12 @@ def run_experiment(
         raise RunFailedError(f"the federation failed: {record.error or 'unknown error'}")
     result = record.result
     federation_seconds = time.perf_counter() - started
-
-    method = get_method(config.method)
-    inputs = BaselineInputs(
-        config=config,
-        task=config.load_task(),
-        client_examples=client_partitions(config),
-        progress=progress,
-    )
     metrics: dict[str, float] = dict(result.metrics)
-    placement = config.placement()
     references: dict[str, dict[str, Any]] = {}
-    wanted_rows = [
-        (name, compute)
-        for name, wanted, compute in (
-            ("centralized", config.baselines.centralized, method.centralized),
-            ("local_only", config.baselines.local_only, method.local_only),
-        )
-        if wanted
-    ]
-    fingerprint = llm_fingerprint(config) if wanted_rows else ""
-    with placed(placement):  # the reference rows compute where the federation did
-        for name, compute in wanted_rows:
-            row = cached_reference(
-                name, config, functools.partial(compute, inputs), fingerprint, config.baselines.cache
-            )
-            metrics[name] = row.value
-            references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
+    for name, row in (beside.result() if beside is not None else rows()).items():
+        metrics[name] = row.value
+        references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
+    placement = config.placement()
 
     cost = dict(record.cost)
     train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in result.clients)
@@ -152,6 +147,56 @@ def run_experiment(
     write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
     add_privacy_section(out_dir / "report.md", [results])
     return results
+
+
+def reference_rows(inputs: BaselineInputs) -> dict[str, ReferenceRow]:
+    """The reference rows the config asks for (`centralized`, `local_only`), from the cache when the
+    same inputs computed them before."""
+    config = inputs.config
+    method = get_method(config.method)
+    wanted = [
+        (name, compute)
+        for name, asked, compute in (
+            ("centralized", config.baselines.centralized, method.centralized),
+            ("local_only", config.baselines.local_only, method.local_only),
+        )
+        if asked
+    ]
+    fingerprint = llm_fingerprint(config) if wanted else ""
+    with placed(config.placement()):  # the reference rows compute where the federation did
+        return {
+            name: cached_reference(
+                name, config, functools.partial(compute, inputs), fingerprint, config.baselines.cache
+            )
+            for name, compute in wanted
+        }
+
+
+class RowsBeside(threading.Thread):
+    """The reference rows, computed in a thread of this process while the federation runs elsewhere.
+
+    One torch thread (OpenMP's thread count is per calling thread): the federation's processes keep
+    the rest of the cores. A daemon, so an interrupted or failed run does not wait for it.
+    """
+
+    def __init__(self, rows: Callable[[], dict[str, ReferenceRow]]) -> None:
+        super().__init__(name="reference rows", daemon=True)
+        self._rows = rows
+        self._value: dict[str, ReferenceRow] = {}
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        torch.set_num_threads(1)
+        try:
+            self._value = self._rows()
+        except BaseException as error:  # handed to the caller of `result`
+            self._error = error
+
+    def result(self) -> dict[str, ReferenceRow]:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ---- a loopback deployment ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -60,6 +61,14 @@ class TaskEvaluator:
     length_normalized: bool = False
     max_new_tokens: int = 256
     progress: bool = True
+    round_limit: int | None = None  # examples scored in the rounds before the last (None: `limit`)
+
+    def in_round(self, round_number: int, rounds: int) -> TaskEvaluator:
+        """The scorer of a federated round: this one in the last round, its first `round_limit` examples before."""
+        if round_number >= rounds or self.round_limit is None:
+            return self
+        limit = self.round_limit if self.limit is None else min(self.round_limit, self.limit)
+        return dataclasses.replace(self, limit=limit)
 
     def __call__(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str, *, reuse: bool = False

@@ -37,3 +37,11 @@ def test_reuse_scores_once_per_model_and_settings(tmp_path: Path, monkeypatch: p
     evaluator(loaded.model, loaded.tokenizer, "llm", reuse=True)
     evaluator(loaded.model, loaded.tokenizer, "llm")  # without reuse: scored, not stored
     assert len(scored) == 4 and len(list((tmp_path / "scores").glob("*.json"))) == 3
+
+
+def test_rounds_before_the_last_score_the_first_round_limit_examples() -> None:
+    evaluator = TaskEvaluator(TASK, limit=3, progress=False, round_limit=2)
+    assert [evaluator.in_round(r, 4).limit for r in (1, 3, 4)] == [2, 2, 3]  # the run's result: all of them
+    assert TaskEvaluator(TASK, limit=None, round_limit=5).in_round(1, 2).limit == 5
+    assert TaskEvaluator(TASK, limit=1, round_limit=5).in_round(1, 2).limit == 1
+    assert TaskEvaluator(TASK, limit=3).in_round(1, 4) == TaskEvaluator(TASK, limit=3)

@@ -187,8 +187,10 @@ def serve_emulator(
         config.federation.required_replies,
     )
 
+    rounds = config.federation.rounds
+
     def evaluate_plugin(adapted: nn.Module, round_number: int) -> float:
-        return evaluate(adapted, llm.tokenizer, f"plug-in round {round_number}")
+        return evaluate.in_round(round_number, rounds)(adapted, llm.tokenizer, f"plug-in round {round_number}")
 
     strategy = configured_strategy(config.federation, method.adapter)
 
@@ -201,7 +203,9 @@ def serve_emulator(
             copy.deepcopy(compact), channels.compact_state(state, layer_map), layer_map, None, config.seed
         )
         return {
-            "hand_out": evaluate(on_hand_out.model, llm.tokenizer, f"on the hand-out, round {round_number}"),
+            "hand_out": evaluate.in_round(round_number, rounds)(
+                on_hand_out.model, llm.tokenizer, f"on the hand-out, round {round_number}"
+            ),
             "gradient_cosine": gradient_cosine(state),
         }
 

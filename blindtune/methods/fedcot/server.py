@@ -240,7 +240,8 @@ def run_server(run: ServerRun) -> ServerResult:
     }
 
     def evaluate_plugin(adapted: nn.Module, round_number: int) -> float:
-        return evaluate_label(adapted, slm.tokenizer, f"SLM with rationales, round {round_number}")
+        scorer = evaluate_label.in_round(round_number, config.federation.rounds)
+        return scorer(adapted, slm.tokenizer, f"SLM with rationales, round {round_number}")
 
     outcome = federate_slm(run.exchange, run, slm.model, initial, evaluate_plugin, "checkpoints")
     metrics["plugin"] = outcome.history[-1]["plugin"]
@@ -252,7 +253,8 @@ def run_server(run: ServerRun) -> ServerResult:
         send_plan(reference, LABEL_ONLY, None, nodes, min_replies)
 
         def evaluate_label_only(adapted: nn.Module, round_number: int) -> float:
-            return evaluate_label(adapted, slm.tokenizer, f"SLM label-only, round {round_number}")
+            scorer = evaluate_label.in_round(round_number, config.federation.rounds)
+            return scorer(adapted, slm.tokenizer, f"SLM label-only, round {round_number}")
 
         label_only = federate_slm(reference, run, slm.model, initial, evaluate_label_only, "label_only/checkpoints")
         metrics["label_only"] = label_only.history[-1]["plugin"]

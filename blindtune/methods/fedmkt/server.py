@@ -273,7 +273,8 @@ def run_server(run: ServerRun) -> ServerResult:
             "bytes_to_server": bytes_this_round[Direction.TO_SERVER],
         }
         if evaluate_now:
-            row["plugin"] = evaluate(adapted.model, llm.tokenizer, f"LLM after KD round {round_number}")
+            scorer = evaluate.in_round(round_number, federation.rounds)
+            row["plugin"] = scorer(adapted.model, llm.tokenizer, f"LLM after KD round {round_number}")
             row["slm_accuracy"] = float(np.mean(list(slm_accuracy.values()))) if slm_accuracy else None
         log.info("round %d: %s", round_number, row)
         history.append(row)

@@ -130,9 +130,10 @@ def run_server(run: ServerRun) -> ServerResult:
     def evaluate_plugin(tuned_proxy: nn.Module, round_number: int) -> float:
         # The strategy has merged the global adapter into the server's proxy: what changed is the update.
         update = proxy_update(tuned_proxy, initial_weights)
-        proxy_accuracy[round_number] = evaluate(tuned_proxy, llm.tokenizer, f"proxy round {round_number}")
+        scorer = evaluate.in_round(round_number, config.federation.rounds)
+        proxy_accuracy[round_number] = scorer(tuned_proxy, llm.tokenizer, f"proxy round {round_number}")
         with plugged_in_update(llm.model, prepared.plan, update) as plugged:
-            return evaluate(plugged, llm.tokenizer, f"plug-in round {round_number}")
+            return scorer(plugged, llm.tokenizer, f"plug-in round {round_number}")
 
     settings = RoundSettings.of_run(config, run.out_dir / "checkpoints", run.resume)
     strategy = configured_strategy(config.federation, method.adapter)
