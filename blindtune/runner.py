@@ -60,11 +60,12 @@ def method_apps(
     return build_apps(config, method, out_dir, progress, resume, traffic_watch=watch)
 
 
-def local_federation(progress: bool = True) -> FederationRunner:
-    """The federation on `federation.engine` (in this process, or Flower's simulation runtime)."""
+def local_federation(progress: bool = True, server_threads: int | None = None) -> FederationRunner:
+    """The federation on `federation.engine` (in this process, or Flower's simulation runtime, whose
+    server gets `server_threads` torch threads)."""
 
     def run(config: RunConfig, out_dir: Path, resume: bool) -> None:
-        run_federation(config, out_dir, resume, method_apps, FLOWER_APP, progress)
+        run_federation(config, out_dir, resume, method_apps, FLOWER_APP, progress, server_threads)
 
     return run
 
@@ -95,14 +96,15 @@ def run_experiment(
         progress=progress,
     )
     rows = functools.partial(reference_rows, inputs)
-    # The reference rows need nothing from the federation: while it runs in other processes (Flower's
-    # simulation runtime, a deployment), they are computed here at the same time instead of after it.
+    # The reference rows need nothing from the federation: while Flower's simulation runtime runs it in
+    # other processes, they are computed here at the same time instead of after it, each side on one
+    # torch thread per process (two multi-threaded processes on the same cores spin in each other's way).
     beside = None
-    elsewhere = federation is not None or config.federation.engine is not Engine.INPROCESS
-    if elsewhere and (config.baselines.centralized or config.baselines.local_only):
+    simulated = federation is None and config.federation.engine is Engine.SIMULATION
+    if simulated and (config.baselines.centralized or config.baselines.local_only):
         beside = RowsBeside(rows)
         beside.start()
-    (federation or local_federation(progress))(config, out_dir, resume)
+    (federation or local_federation(progress, server_threads=1 if beside else None))(config, out_dir, resume)
     if not federation_file.is_file():
         raise RunFailedError(f"the federation ended without writing {federation_file}")
     record = FederationRecord.read(federation_file)
