@@ -13,13 +13,11 @@ import dataclasses
 import functools
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
@@ -29,13 +27,13 @@ from blindtune.config import RunConfig
 from blindtune.data import TaskKind
 from blindtune.federation.apps import FEDERATION_RESULT, FederationRecord, build_apps, client_partitions
 from blindtune.federation.deployment import AppComponents, DeploymentOptions, TlsFiles, run_deployment
-from blindtune.federation.engine import Engine, run_federation
+from blindtune.federation.engine import run_federation
 from blindtune.federation.flower_app import DeployedApps
 from blindtune.methods import config_class, get_method
 from blindtune.methods.base import BaselineInputs
 from blindtune.models.device import placed
 from blindtune.preflight import check_model_fits
-from blindtune.reference_rows import ReferenceRow, cached_reference, llm_fingerprint
+from blindtune.reference_rows import cached_reference, llm_fingerprint
 from blindtune.report import write_report
 from blindtune.run_folder import prepare_run_folder
 
@@ -60,12 +58,11 @@ def method_apps(
     return build_apps(config, method, out_dir, progress, resume, traffic_watch=watch)
 
 
-def local_federation(progress: bool = True, server_threads: int | None = None) -> FederationRunner:
-    """The federation on `federation.engine` (in this process, or Flower's simulation runtime, whose
-    server gets `server_threads` torch threads)."""
+def local_federation(progress: bool = True) -> FederationRunner:
+    """The federation on `federation.engine` (in this process, or Flower's simulation runtime)."""
 
     def run(config: RunConfig, out_dir: Path, resume: bool) -> None:
-        run_federation(config, out_dir, resume, method_apps, FLOWER_APP, progress, server_threads)
+        run_federation(config, out_dir, resume, method_apps, FLOWER_APP, progress)
 
     return run
 
@@ -89,22 +86,7 @@ def run_experiment(
     started = time.perf_counter()
     federation_file = out_dir / FEDERATION_RESULT
     federation_file.unlink(missing_ok=True)
-    inputs = BaselineInputs(
-        config=config,
-        task=config.load_task(),
-        client_examples=client_partitions(config),
-        progress=progress,
-    )
-    rows = functools.partial(reference_rows, inputs)
-    # The reference rows need nothing from the federation: while Flower's simulation runtime runs it in
-    # other processes, they are computed here at the same time instead of after it, each side on one
-    # torch thread per process (two multi-threaded processes on the same cores spin in each other's way).
-    beside = None
-    simulated = federation is None and config.federation.engine is Engine.SIMULATION
-    if simulated and (config.baselines.centralized or config.baselines.local_only):
-        beside = RowsBeside(rows)
-        beside.start()
-    (federation or local_federation(progress, server_threads=1 if beside else None))(config, out_dir, resume)
+    (federation or local_federation(progress))(config, out_dir, resume)
     if not federation_file.is_file():
         raise RunFailedError(f"the federation ended without writing {federation_file}")
     record = FederationRecord.read(federation_file)
@@ -112,12 +94,33 @@ def run_experiment(
         raise RunFailedError(f"the federation failed: {record.error or 'unknown error'}")
     result = record.result
     federation_seconds = time.perf_counter() - started
+
+    method = get_method(config.method)
+    inputs = BaselineInputs(
+        config=config,
+        task=config.load_task(),
+        client_examples=client_partitions(config),
+        progress=progress,
+    )
     metrics: dict[str, float] = dict(result.metrics)
-    references: dict[str, dict[str, Any]] = {}
-    for name, row in (beside.result() if beside is not None else rows()).items():
-        metrics[name] = row.value
-        references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
     placement = config.placement()
+    references: dict[str, dict[str, Any]] = {}
+    wanted_rows = [
+        (name, compute)
+        for name, wanted, compute in (
+            ("centralized", config.baselines.centralized, method.centralized),
+            ("local_only", config.baselines.local_only, method.local_only),
+        )
+        if wanted
+    ]
+    fingerprint = llm_fingerprint(config) if wanted_rows else ""
+    with placed(placement):  # the reference rows compute where the federation did
+        for name, compute in wanted_rows:
+            row = cached_reference(
+                name, config, functools.partial(compute, inputs), fingerprint, config.baselines.cache
+            )
+            metrics[name] = row.value
+            references[name] = {"from_cache": row.from_cache, "seconds": row.seconds}
 
     cost = dict(record.cost)
     train_seconds = sum(float(row.get("train_seconds", 0.0)) for row in result.clients)
@@ -149,56 +152,6 @@ def run_experiment(
     write_report([results], out_dir, title=f"blindtune {config.method} on {config.task}")
     add_privacy_section(out_dir / "report.md", [results])
     return results
-
-
-def reference_rows(inputs: BaselineInputs) -> dict[str, ReferenceRow]:
-    """The reference rows the config asks for (`centralized`, `local_only`), from the cache when the
-    same inputs computed them before."""
-    config = inputs.config
-    method = get_method(config.method)
-    wanted = [
-        (name, compute)
-        for name, asked, compute in (
-            ("centralized", config.baselines.centralized, method.centralized),
-            ("local_only", config.baselines.local_only, method.local_only),
-        )
-        if asked
-    ]
-    fingerprint = llm_fingerprint(config) if wanted else ""
-    with placed(config.placement()):  # the reference rows compute where the federation did
-        return {
-            name: cached_reference(
-                name, config, functools.partial(compute, inputs), fingerprint, config.baselines.cache
-            )
-            for name, compute in wanted
-        }
-
-
-class RowsBeside(threading.Thread):
-    """The reference rows, computed in a thread of this process while the federation runs elsewhere.
-
-    One torch thread (OpenMP's thread count is per calling thread): the federation's processes keep
-    the rest of the cores. A daemon, so an interrupted or failed run does not wait for it.
-    """
-
-    def __init__(self, rows: Callable[[], dict[str, ReferenceRow]]) -> None:
-        super().__init__(name="reference rows", daemon=True)
-        self._rows = rows
-        self._value: dict[str, ReferenceRow] = {}
-        self._error: BaseException | None = None
-
-    def run(self) -> None:
-        torch.set_num_threads(1)
-        try:
-            self._value = self._rows()
-        except BaseException as error:  # handed to the caller of `result`
-            self._error = error
-
-    def result(self) -> dict[str, ReferenceRow]:
-        self.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 # ---- a loopback deployment ------------------------------------------------------------------------

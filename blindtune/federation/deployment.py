@@ -130,8 +130,6 @@ class DeploymentOptions:
     grace_seconds: between SIGTERM and SIGKILL at shutdown.
     threads_per_client: torch/OpenMP threads of each SuperNode's processes (None: cores / clients,
         so co-located clients do not oversubscribe the machine; an OMP_NUM_THREADS already set wins).
-    server_threads: torch/OpenMP threads of the SuperLink's processes, the ServerApp's included (None:
-        all cores); 1 when the launcher computes something beside the run (its reference rows).
     app_progress: progress bars in the app processes' logs.
     warm_clients: each SuperNode runs its messages in one long-lived process (`warm_client.py`, with
         `--isolation process`) instead of a new `flwr-clientapp` process per message.
@@ -145,7 +143,6 @@ class DeploymentOptions:
     run_timeout_seconds: float | None = None
     grace_seconds: float = 10.0
     threads_per_client: int | None = None
-    server_threads: int | None = None
     app_progress: bool = False
     warm_clients: bool = True
     simulation: SimulatedNodes | None = None
@@ -251,7 +248,7 @@ class Deployment:
         self.superlink_port, self.supernode_ports = ports[0], ports[1:]
         self._write_flower_config()
         started = time.monotonic()
-        superlink = self._spawn("superlink", self.superlink_command(), self._env(self.options.server_threads))
+        superlink = self._spawn("superlink", self.superlink_command(), self._env())
         self._wait_until(self._superlink_ready, [superlink], "the SuperLink to answer")
         if self.options.simulation is not None:  # its virtual SuperNodes come with each run
             log.info(

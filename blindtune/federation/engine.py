@@ -126,7 +126,6 @@ def run_federation(
     build: AppsBuilder,
     deployed_app: AppComponents,
     progress: bool = True,
-    server_threads: int | None = None,
 ) -> None:
     """Run the federation of `config` to completion on `config.federation.engine`.
 
@@ -146,8 +145,7 @@ def run_federation(
 
     started = time.perf_counter()
     nodes = simulated_nodes(config.federation.num_clients, config.placement().gpu)
-    options = DeploymentOptions(simulation=nodes, app_progress=progress, server_threads=server_threads)
-    run_deployment(config, out_dir, deployed_app, options, resume)
+    run_deployment(config, out_dir, deployed_app, DeploymentOptions(simulation=nodes, app_progress=progress), resume)
     log.info("simulation finished in %.1f s", time.perf_counter() - started)
 
 
