@@ -38,7 +38,7 @@ from blindtune.models.artefact import (
     stored_mlp_channels,
     unique_state_dict,
 )
-from blindtune.models.compact import compacted
+from blindtune.models.compact import MlpChannels, compacted
 from blindtune.models.loading import LoadedModel
 from blindtune.privacy.context import active_client_privacy, active_server_privacy, require_client_dp
 from blindtune.privacy.secagg import secagg_summary
@@ -61,12 +61,19 @@ LAYER_MAP_FILE = "adapter_layers.json"
 # ---- server side -------------------------------------------------------------------------------
 
 
-def hand_out(exchange: Exchange, artefact: LoadedModel, layer_map: dict[int, int], min_replies: int) -> None:
+def hand_out(
+    exchange: Exchange,
+    artefact: LoadedModel,
+    layer_map: dict[int, int],
+    min_replies: int,
+    channels: MlpChannels | None = None,
+) -> None:
     """Send the artefact (weights, config, tokenizer) and its adapter layer map to every client.
 
     Channels the artefact zeroed are not sent: clients get it compact (`blindtune.models.compact`)
-    and train at its real size, while the adapters still travel in the LLM's shapes."""
-    model, channels = compacted(artefact.model)
+    and train at its real size, while the adapters still travel in the LLM's shapes. `channels`: the
+    artefact is compact already, with these channels (the caller compacted it to score it)."""
+    model, channels = (artefact.model, channels) if channels is not None else compacted(artefact.model)
     shipped = LoadedModel(model, artefact.tokenizer, artefact.name)
     setup = RecordDict(
         {

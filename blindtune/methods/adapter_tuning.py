@@ -182,9 +182,10 @@ def serve_emulator(
 
     hand_out(
         run.exchange,
-        LoadedModel(emulator.model, llm.tokenizer, "emulator"),
+        LoadedModel(compact, llm.tokenizer, "emulator"),
         layer_map,
         config.federation.required_replies,
+        channels,
     )
 
     rounds = config.federation.rounds
