@@ -7,7 +7,8 @@ and scored the same way whether it is learnt or measured.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -142,7 +143,138 @@ def vocab_logprobs(model: nn.Module, hidden: Tensor) -> Tensor:
     return as_causal_lm(model).get_output_embeddings()(hidden).float().log_softmax(dim=-1)
 
 
-def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> list[Tensor]:
+def packed_hidden_states(model: nn.Module, sequences: Sequence[Tensor]) -> Tensor:
+    """The decoder's final hidden states (total length, hidden) of `sequences` concatenated in one row,
+    each with position ids from 0: transformers then masks attention to each sequence's own block, so
+    no position is spent on padding. Only valid where `packs_sequences(model)`."""
+    device = model_device(model)
+    input_ids = torch.cat(list(sequences))[None].to(device)
+    position_ids = torch.cat([torch.arange(len(ids)) for ids in sequences])[None].to(device)
+    output = as_causal_lm(model).get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    return output.last_hidden_state[0]
+
+
+def _agree(got: Tensor, expected: Tensor) -> bool:
+    """Equal up to the rounding of a different computation order (looser in half precision); a layout
+    the model does not honour moves values by far more."""
+    tolerance = 1e-3 if got.dtype == torch.float32 else 5e-2
+    return torch.allclose(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def _honoured(
+    checked: weakref.WeakKeyDictionary[nn.Module, bool], model: nn.Module, agreement: Callable[[], bool]
+) -> bool:
+    """Whether `model` honours a faster layout: `agreement()` compares it with the plain one on a few
+    tokens, once per model, without dropout or gradients. A model that fails on the layout does not."""
+    if model not in checked:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                checked[model] = agreement()
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            checked[model] = False
+        finally:
+            model.train(was_training)
+    return checked[model]
+
+
+_packing_checked: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def packs_sequences(model: nn.Module) -> bool:
+    """Whether `model` keeps packed sequences apart (`packed_hidden_states` equals the padded batch): a
+    decoder that builds its own mask (a soft prompt in front of the row) or ignores restarting position
+    ids would let the sequences attend to each other."""
+
+    def agreement() -> bool:
+        first, second = torch.arange(1, 6), torch.arange(6, 9)
+        padded = last_hidden_states(model, *pad_right([first.tolist(), second.tolist()], pad_id=0))
+        packed = packed_hidden_states(model, [first, second])
+        expected = torch.cat([padded[0, : len(first)], padded[1, : len(second)]])
+        return packed.shape == expected.shape and _agree(packed, expected)
+
+    return _honoured(_packing_checked, model, agreement)
+
+
+def shared_prompt_logprobs(
+    model: nn.Module, prompts: Sequence[list[int]], options: Sequence[Sequence[list[int]]]
+) -> list[list[Tensor]]:
+    """Per prompt and option, the log-probability of each of the option's tokens given the prompt.
+
+    Each prompt runs once for all its options: a row holds the prompt, then every option at the
+    positions it would have right after the prompt, each option attending to the prompt and to itself
+    only (a 4D attention mask). Multiple-choice options are short next to their prompt, so this costs a
+    fraction of scoring every (prompt + option) sequence. Only valid where `shares_prompts(model)`.
+    """
+    rows, segments, position_rows = [], [], []
+    for prompt, choices in zip(prompts, options, strict=True):
+        rows.append([*prompt, *(token for choice in choices for token in choice)])
+        segments.append([0] * len(prompt) + [k + 1 for k, choice in enumerate(choices) for _ in choice])
+        position_rows.append(
+            [*range(len(prompt)), *(len(prompt) + t for choice in choices for t in range(len(choice)))]
+        )
+    length = max(len(row) for row in rows)
+    input_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    segment = torch.full((len(rows), length), -1)  # padding: its own segment, attending to itself only
+    for index, (row, row_segments, positions) in enumerate(zip(rows, segments, position_rows, strict=True)):
+        input_ids[index, : len(row)] = torch.tensor(row)
+        position_ids[index, : len(row)] = torch.tensor(positions)
+        segment[index, : len(row)] = torch.tensor(row_segments)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & ((key == 0) & (query >= 0) | (key == query))
+    allowed |= torch.eye(length, dtype=torch.bool)
+    dtype = as_causal_lm(model).get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    device = model_device(model)
+    output = as_causal_lm(model).get_decoder()(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        use_cache=False,
+    )
+    hidden = output.last_hidden_state
+    # Token t of an option is predicted at the prompt's last position (t = 0) or at the option's token t - 1.
+    row_of, predictor, targets, sizes = [], [], [], []
+    for index, (prompt, choices) in enumerate(zip(prompts, options, strict=True)):
+        start = len(prompt)
+        for choice in choices:
+            row_of += [index] * len(choice)
+            predictor += [len(prompt) - 1, *range(start, start + len(choice) - 1)]
+            targets += choice
+            sizes.append(len(choice))
+            start += len(choice)
+    selected = hidden[torch.tensor(row_of, device=hidden.device), torch.tensor(predictor, device=hidden.device)]
+    logprobs = vocab_logprobs(model, selected).gather(-1, torch.tensor(targets, device=selected.device)[:, None])
+    split = list(logprobs.squeeze(-1).split(sizes))
+    result, used = [], 0
+    for choices in options:
+        result.append(split[used : used + len(choices)])
+        used += len(choices)
+    return result
+
+
+_prompt_sharing_checked: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def shares_prompts(model: nn.Module) -> bool:
+    """Whether `model` takes `shared_prompt_logprobs`' 4D mask and position ids as given (the same
+    scores as each (prompt + option) sequence on its own): a soft prompt in front of the row, or a
+    decoder that rebuilds its own mask, would not."""
+
+    def agreement() -> bool:
+        prompt, choices = [1, 2, 3], [[4, 5], [6], [7, 8, 9]]
+        shared = shared_prompt_logprobs(model, [prompt], [choices])[0]
+        pairs = [([*prompt, *choice], len(prompt)) for choice in choices]
+        alone = continuation_logprobs(model, collate_pairs(pairs, pad_id=0))
+        return all(_agree(a, b) for a, b in zip(shared, alone, strict=True))
+
+    return _honoured(_prompt_sharing_checked, model, agreement)
+
+
+def continuation_logprobs(model: nn.Module, batch: ContinuationBatch, *, packed: bool = False) -> list[Tensor]:
     """Per row, the log-probability of each continuation token (differentiable).
 
     The LM head is a large share of a small model's cost (SmolLM2-135M: 28M of its 135M multiply-adds
@@ -150,16 +282,30 @@ def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> list[Te
     predict a continuation token (position t-1 predicts token t) instead of to every position. This
     matches the full-logits computation for models whose head is a plain linear layer (Llama, Mistral,
     Qwen, SmolLM, ...).
+
+    `packed`: run the rows concatenated without their padding (a quarter of a training batch's positions
+    on the demo task) where the model supports it (`packs_sequences`); the same values up to float
+    rounding. Not for per-example gradients (DP-SGD), which need one row per example.
     """
-    hidden = last_hidden_states(model, batch.input_ids, batch.attention_mask)
-    rows = torch.cat([torch.full((end - start,), row) for row, (start, end) in enumerate(batch.spans)])
-    positions = torch.cat([torch.arange(start, end) for start, end in batch.spans])
-    targets = batch.input_ids[rows, positions]
-    selected = hidden[rows.to(hidden.device), (positions - 1).to(hidden.device)]
+    spans = batch.spans
+    if packed and packs_sequences(model):
+        # Right padding: row r's tokens are input_ids[r, :end]; in the packed row they start at offsets[r].
+        lengths = [end for _, end in spans]
+        hidden = packed_hidden_states(model, [batch.input_ids[row, :end] for row, end in enumerate(lengths)])
+        offsets = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        positions = torch.cat([offsets[row] + torch.arange(start, end) for row, (start, end) in enumerate(spans)])
+        targets = torch.cat([batch.input_ids[row, start:end] for row, (start, end) in enumerate(spans)])
+        selected = hidden[(positions - 1).to(hidden.device)]
+    else:
+        hidden = last_hidden_states(model, batch.input_ids, batch.attention_mask)
+        rows = torch.cat([torch.full((end - start,), row) for row, (start, end) in enumerate(spans)])
+        positions = torch.cat([torch.arange(start, end) for start, end in spans])
+        targets = batch.input_ids[rows, positions]
+        selected = hidden[rows.to(hidden.device), (positions - 1).to(hidden.device)]
     logprobs = vocab_logprobs(model, selected).gather(-1, targets.to(selected.device)[:, None]).squeeze(-1)
-    return list(logprobs.split([end - start for start, end in batch.spans]))
+    return list(logprobs.split([end - start for start, end in spans]))
 
 
-def continuation_loss(model: nn.Module, batch: ContinuationBatch) -> Tensor:
+def continuation_loss(model: nn.Module, batch: ContinuationBatch, *, packed: bool = False) -> Tensor:
     """Mean negative log-likelihood over all continuation tokens of the batch (each token weighs the same)."""
-    return -torch.cat(continuation_logprobs(model, batch)).mean()
+    return -torch.cat(continuation_logprobs(model, batch, packed=packed)).mean()

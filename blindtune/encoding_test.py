@@ -10,8 +10,12 @@ from blindtune.encoding import (
     continuation_logprobs,
     continuation_loss,
     encode_pair,
+    packs_sequences,
+    shared_prompt_logprobs,
+    shares_prompts,
 )
 from blindtune.models.loading import LoadedModel, tiny_model
+from blindtune.models.soft_prompt import SoftPromptModel
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +121,60 @@ def test_continuation_loss_is_token_weighted_and_differentiable(tiny: LoadedMode
     with torch.no_grad():
         expected = -torch.cat([naive_logprobs(tiny.model, ids, start) for ids, start in pairs]).mean()
     torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=0)
+
+
+def test_packed_rows_score_and_train_as_the_padded_batch(tiny: LoadedModel) -> None:
+    pairs = [
+        encode_pair(tiny.tokenizer, "Definition: a large cat.\nCategory:", " animal", max_length=64),
+        encode_pair(tiny.tokenizer, "Q: 2+2?", " The answer is 4.", max_length=64),
+        encode_pair(tiny.tokenizer, "Hi", " there", max_length=64),
+    ]
+    batch = collate_pairs(pairs, pad_id=tiny.tokenizer.pad_token_id)
+    assert packs_sequences(tiny.model)
+    gradients = []
+    for packed in (False, True):
+        loss = continuation_loss(tiny.model, batch, packed=packed)
+        loss.backward()
+        gradients.append([p.grad.clone() for p in tiny.model.parameters() if p.grad is not None])
+        tiny.model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for row, logprobs in enumerate(continuation_logprobs(tiny.model, batch, packed=packed)):
+                torch.testing.assert_close(logprobs, naive_logprobs(tiny.model, *pairs[row]), atol=1e-4, rtol=0)
+    assert len(gradients[0]) == len(gradients[1]) > 0
+    for padded, packed in zip(*gradients, strict=True):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_a_soft_prompt_model_is_not_packed() -> None:
+    """Its decoder puts the prompt in front of the row and builds its own mask: packed rows would see
+    each other, so the check refuses and training falls back to the padded batch."""
+    model = tiny_model(num_layers=2, hidden_size=64, seed=2)
+    prompted = SoftPromptModel(model.model, length=3)
+    assert not packs_sequences(prompted)
+    texts = [("Q: x?", " a b"), ("Q: y z?", " z")]
+    pairs = [encode_pair(model.tokenizer, prompt, target, 64) for prompt, target in texts]
+    batch = collate_pairs(pairs, pad_id=model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            continuation_loss(prompted, batch, packed=True), continuation_loss(prompted, batch), atol=0, rtol=0
+        )
+
+
+def test_options_scored_on_a_shared_prompt_match_each_sequence_alone(tiny: LoadedModel) -> None:
+    tokenizer = tiny.tokenizer
+    examples = [("Definition: a seaport\nWord:", [" Lobito", " resinoid", " Orange"]), ("Q: x?", [" a b c", " z"])]
+    prompts = [tokenizer(prompt)["input_ids"] for prompt, _ in examples]
+    options = [[tokenizer(option, add_special_tokens=False)["input_ids"] for option in row] for _, row in examples]
+    assert shares_prompts(tiny.model)
+    with torch.no_grad():
+        scored = shared_prompt_logprobs(tiny.model, prompts, options)
+    for prompt, choices, scores in zip(prompts, options, scored, strict=True):
+        assert len(scores) == len(choices)
+        for choice, logprobs in zip(choices, scores, strict=True):
+            expected = naive_logprobs(tiny.model, [*prompt, *choice], len(prompt))
+            torch.testing.assert_close(logprobs, expected, atol=1e-4, rtol=0)
+
+
+def test_a_soft_prompt_model_scores_each_option_alone() -> None:
+    model = tiny_model(num_layers=2, hidden_size=64, seed=3)
+    assert not shares_prompts(SoftPromptModel(model.model, length=3))

@@ -29,6 +29,9 @@ from blindtune.encoding import (
     last_hidden_states,
     model_device,
     pad_right,
+    prompt_ids,
+    shared_prompt_logprobs,
+    shares_prompts,
     vocab_logprobs,
 )
 
@@ -242,19 +245,37 @@ def _general_loglikelihoods(
     max_length: int,
     bar: tqdm,
 ) -> list[list[float]]:
-    """Score every (prompt + option) sequence; sequences of different examples share batches."""
-    requests = [
-        (index, option, encode_pair(tokenizer, example.prompt, choice, max_length))
-        for index, example in enumerate(examples)
-        for option, choice in enumerate(example.choices)
-    ]
-    requests.sort(key=lambda request: len(request[2][0]), reverse=True)
+    """Score every option given its prompt: the prompt run once for all its options where the model
+    allows it (`shares_prompts`) and the example fits in `max_length` untruncated; otherwise every
+    (prompt + option) sequence on its own, sequences of different examples sharing batches."""
     loglikelihoods = [[0.0] * len(example.choices) for example in examples]
-    for chunk in _chunks(requests, batch_size):
-        batch = collate_pairs([pair for _, _, pair in chunk], _pad_id(tokenizer))
-        for (index, option, _), logprobs in zip(chunk, continuation_logprobs(model, batch), strict=True):
+    shared: list[tuple[int, list[int], list[list[int]]]] = []
+    requests = []
+    sharing = shares_prompts(model)
+    for index, example in enumerate(examples):
+        prompt = prompt_ids(tokenizer, example.prompt)
+        choices = [list(tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in example.choices]
+        if sharing and prompt and all(choices) and len(prompt) + sum(map(len, choices)) <= max_length:
+            shared.append((index, prompt, choices))
+        else:
+            requests += [
+                (index, option, encode_pair(tokenizer, example.prompt, choice, max_length))
+                for option, choice in enumerate(example.choices)
+            ]
+    shared.sort(key=lambda item: len(item[1]) + sum(map(len, item[2])), reverse=True)
+    # `batch_size` counts sequences: an example brings one per option.
+    per_batch = max(1, batch_size // max((len(choices) for _, _, choices in shared), default=1))
+    for chunk in _chunks(shared, per_batch):
+        scores = shared_prompt_logprobs(model, [prompt for _, prompt, _ in chunk], [choices for _, _, choices in chunk])
+        for (index, _, _), options in zip(chunk, scores, strict=True):
+            loglikelihoods[index] = [logprobs.sum().item() for logprobs in options]
+        bar.update(sum(len(choices) for _, _, choices in chunk))
+    requests.sort(key=lambda request: len(request[2][0]), reverse=True)
+    for batch_requests in _chunks(requests, batch_size):
+        batch = collate_pairs([pair for _, _, pair in batch_requests], _pad_id(tokenizer))
+        for (index, option, _), logprobs in zip(batch_requests, continuation_logprobs(model, batch), strict=True):
             loglikelihoods[index][option] = logprobs.sum().item()
-        bar.update(len(chunk))
+        bar.update(len(batch_requests))
     return loglikelihoods
 
 

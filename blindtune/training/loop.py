@@ -161,7 +161,7 @@ def train(
     ):
         pairs = [encode_pair(tokenizer, e.prompt, e.target, config.max_length) for e in batch_examples]
         batch = collate_pairs(pairs, pad_id)
-        loss = continuation_loss(model, batch)
+        loss = continuation_loss(model, batch, packed=True)
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"{desc}: loss became {loss.item()} after {len(losses)} steps")
         objective = loss + proximal_term(parameters, start, config.proximal_mu) if start else loss
@@ -171,7 +171,7 @@ def train(
                 for e in auxiliary_examples
             ]
             auxiliary_batch = collate_pairs(pairs, pad_id)
-            auxiliary_loss = continuation_loss(model, auxiliary_batch)
+            auxiliary_loss = continuation_loss(model, auxiliary_batch, packed=True)
             if not math.isfinite(auxiliary_loss.item()):
                 raise NonFiniteLossError(f"{desc}: auxiliary loss became {auxiliary_loss.item()}")
             objective = objective + auxiliary.weight * auxiliary_loss
