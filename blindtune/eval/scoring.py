@@ -2,8 +2,9 @@
 
 Multiple-choice scoring follows lm-evaluation-harness (the sum of the option tokens' log-probs given the
 prompt, optionally divided by the option's length in characters like its acc_norm), so accuracies are
-comparable with published numbers. Sequences are batched and sorted by length, and the LM head (a large
-share of a small model's cost) is applied only where a score is read.
+comparable with published numbers. Sequences are batched and sorted by length, the options of one
+prompt are scored after a single pass of that prompt (`encoding.shared_prompt_logprobs`), and the LM
+head (a large share of a small model's cost) is applied only where a score is read.
 """
 
 from __future__ import annotations

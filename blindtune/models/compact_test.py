@@ -59,8 +59,11 @@ def test_lora_trained_on_the_compact_hand_out_equals_lora_trained_on_the_zeroed_
     expected = on_zeroed.state()
     restored = channels.full_state(on_compact.state(), initial, layer_map)
     assert set(restored) == set(expected)
+    # Equal up to rounding: the two models sum their MLP outputs over 16 and 64 channels, and AdamW's
+    # first steps (update ~ lr x g / |g|) magnify rounding differences in small gradients to ~1e-5.
+    # A channel mapped wrong moves an entry by the size of its update (~1e-2).
     for name, tensor in expected.items():
-        torch.testing.assert_close(restored[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(restored[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
     # The dropped channels' entries are what the server sent: B rows zero, A columns their start.
     dropped = [c for c in range(64) if c not in channels.kept[2]]
     assert not expected["layers.2.mlp.up_proj.lora_B.weight"][dropped].any()
