@@ -126,14 +126,21 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def last_hidden_states(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+) -> Tensor:
     """The decoder's final hidden states (batch, length, hidden), without the LM head.
 
     `get_decoder()` is the bare transformer of a causal LM (and reaches through a peft wrapper).
+    `attention_mask`: 2D (padding) or 4D (who attends to whom); `position_ids`: given where they do not
+    simply count from 0 in each row.
     """
     device = model_device(model)
     output = as_causal_lm(model).get_decoder()(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+        input_ids=input_ids.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
+        use_cache=False,
     )
     return output.last_hidden_state
 
@@ -147,11 +154,9 @@ def packed_hidden_states(model: nn.Module, sequences: Sequence[Tensor]) -> Tenso
     """The decoder's final hidden states (total length, hidden) of `sequences` concatenated in one row,
     each with position ids from 0: transformers then masks attention to each sequence's own block, so
     no position is spent on padding. Only valid where `packs_sequences(model)`."""
-    device = model_device(model)
-    input_ids = torch.cat(list(sequences))[None].to(device)
-    position_ids = torch.cat([torch.arange(len(ids)) for ids in sequences])[None].to(device)
-    output = as_causal_lm(model).get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    return output.last_hidden_state[0]
+    input_ids = torch.cat(list(sequences))[None]
+    position_ids = torch.cat([torch.arange(len(ids)) for ids in sequences])[None]
+    return last_hidden_states(model, input_ids, None, position_ids)[0]
 
 
 def _agree(got: Tensor, expected: Tensor) -> bool:
@@ -228,14 +233,7 @@ def shared_prompt_logprobs(
     allowed |= torch.eye(length, dtype=torch.bool)
     dtype = as_causal_lm(model).get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    device = model_device(model)
-    output = as_causal_lm(model).get_decoder()(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=position_ids.to(device),
-        use_cache=False,
-    )
-    hidden = output.last_hidden_state
+    hidden = last_hidden_states(model, input_ids, mask, position_ids)
     # Token t of an option is predicted at the prompt's last position (t = 0) or at the option's token t - 1.
     row_of, predictor, targets, sizes = [], [], [], []
     for index, (prompt, choices) in enumerate(zip(prompts, options, strict=True)):

@@ -30,7 +30,6 @@ from blindtune.encoding import (
     last_hidden_states,
     model_device,
     pad_right,
-    prompt_ids,
     shared_prompt_logprobs,
     shares_prompts,
     vocab_logprobs,
@@ -254,15 +253,15 @@ def _general_loglikelihoods(
     requests = []
     sharing = shares_prompts(model)
     for index, example in enumerate(examples):
-        prompt = prompt_ids(tokenizer, example.prompt)
-        choices = [list(tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in example.choices]
-        if sharing and prompt and all(choices) and len(prompt) + sum(map(len, choices)) <= max_length:
+        pairs = [encode_pair(tokenizer, example.prompt, choice, max_length) for choice in example.choices]
+        prompt = pairs[0][0][: pairs[0][1]]
+        choices = [ids[start:] for ids, start in pairs]
+        # The prompt is the same for every option unless one of them made encode_pair cut it.
+        untruncated = all(ids[:start] == prompt for ids, start in pairs)
+        if sharing and untruncated and len(prompt) + sum(map(len, choices)) <= max_length:
             shared.append((index, prompt, choices))
         else:
-            requests += [
-                (index, option, encode_pair(tokenizer, example.prompt, choice, max_length))
-                for option, choice in enumerate(example.choices)
-            ]
+            requests += [(index, option, pair) for option, pair in enumerate(pairs)]
     shared.sort(key=lambda item: len(item[1]) + sum(map(len, item[2])), reverse=True)
     # `batch_size` counts sequences: an example brings one per option.
     per_batch = max(1, batch_size // max((len(choices) for _, _, choices in shared), default=1))
