@@ -4,32 +4,32 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.plugin_eval import markdown, rescore
-from blindtune.methods import run_config_from_dict
-from blindtune.models import tiny_model
-from blindtune.runner import run_experiment
+from benchmarks.plugin_eval import compare_in_pairs, markdown, paired_difference, rescore
 
 
 @pytest.mark.parametrize("adapter", [{"kind": "lora", "lora_rank": 2}, {"kind": "soft_prompt", "prompt_length": 2}])
-def test_rescoring_the_runs_own_examples_reproduces_its_plugin(adapter, tmp_path, monkeypatch):
-    loaded = tiny_model(num_layers=4, hidden_size=32)
-    loaded.model.save_pretrained(tmp_path / "model")
-    loaded.tokenizer.save_pretrained(tmp_path / "model")
-    monkeypatch.setenv("BLINDTUNE_CACHE", str(tmp_path / "cache"))
-    config = run_config_from_dict(
-        {
-            "method": "offsite",
-            "model": str(tmp_path / "model"),
-            "federation": {"num_clients": 2, "rounds": 1, "engine": "inprocess"},
-            "train": {"steps": 2, "batch_size": 4, "max_length": 64, "learning_rate": 0.05},
-            "eval": {"limit": 12, "batch_size": 8},
-            "baselines": {"centralized": False, "local_only": False},
-            "offsite": {"adapter_layers_per_side": 1, "middle_keep_every": 2, "adapter": adapter},
-        }
-    )
-    results = run_experiment(config, tmp_path / "run", progress=False)
-    row = rescore(tmp_path / "run", limit=12)
+def test_rescoring_the_runs_own_examples_reproduces_its_plugin(adapter, finished_offsite_run):
+    offsite = {"adapter_layers_per_side": 1, "middle_keep_every": 2, "adapter": adapter}
+    _, run_dir, results = finished_offsite_run(offsite)
+    row = rescore(run_dir, limit=12)
     assert row["plugin"] == results["metrics"]["plugin"] == row["run_plugin"]
     assert row["llm_zero_shot"] == results["metrics"]["llm_zero_shot"]
     assert row["examples"] == 12 and 0 <= row["plugin_95"] <= 0.5
-    assert "| run |" in markdown([row])
+    assert len(row["correct"]) == 12 and sum(row["correct"]) / 12 == row["plugin"]
+    assert row["plugin_minus_llm"]["difference"] == pytest.approx(row["plugin"] - row["llm_zero_shot"])
+    again = rescore(run_dir, limit=12)
+    compare_in_pairs([row, again])
+    assert "against" not in row and again["against"] == row["run"]
+    assert again["plugin_minus_against"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    assert "| run |" in markdown([row, again]) and "Paired differences" in markdown([row, again])
+
+
+def test_a_paired_difference_is_the_mean_gap_with_an_interval_that_excludes_zero_when_one_side_wins():
+    worse = [True] * 50 + [False] * 50
+    better = [True] * 62 + [False] * 38  # right on 12 examples the other gets wrong, wrong on none it gets right
+    difference = paired_difference(better, worse)
+    assert difference["difference"] == pytest.approx(0.12)
+    low, high = difference["ci95"]
+    assert 0 < low < 0.12 < high
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference(better, worse[:10])

@@ -44,6 +44,7 @@ class ChoiceEval:
     num_examples: int
     predictions: list[int]  # index of the chosen option, per example
     seconds: float
+    correct: list[bool] = field(default_factory=list)  # per example: the chosen option is the label
     # Per example and option: the summed log-probability of the option tokens (before any normalisation).
     loglikelihoods: list[list[float]] = field(default_factory=list)
 
@@ -54,6 +55,7 @@ class GenerationEval:
     num_examples: int
     predictions: list[str]  # the generated continuation, per example
     seconds: float
+    correct: list[bool] = field(default_factory=list)  # per example: the final number is the answer
 
 
 def evaluate_choices(
@@ -92,13 +94,14 @@ def evaluate_choices(
         _argmax(_normalize(scores, example.choices) if length_normalized else scores)
         for scores, example in zip(loglikelihoods, examples, strict=True)
     ]
-    correct = sum(prediction == example.label for prediction, example in zip(predictions, examples, strict=True))
+    correct = [prediction == example.label for prediction, example in zip(predictions, examples, strict=True)]
     return ChoiceEval(
-        accuracy=correct / len(examples),
+        accuracy=sum(correct) / len(examples),
         num_examples=len(examples),
         predictions=predictions,
         seconds=time.perf_counter() - started,
         loglikelihoods=loglikelihoods,
+        correct=correct,
     )
 
 
@@ -168,14 +171,15 @@ def evaluate_generation(
     finally:
         tokenizer.padding_side = padding_side
     predictions = [generated[index] for index in range(len(examples))]
-    correct = sum(
+    correct = [
         extract_final_number(text) == example.answer for text, example in zip(predictions, examples, strict=True)
-    )
+    ]
     return GenerationEval(
-        accuracy=correct / len(examples),
+        accuracy=sum(correct) / len(examples),
         num_examples=len(examples),
         predictions=predictions,
         seconds=time.perf_counter() - started,
+        correct=correct,
     )
 
 

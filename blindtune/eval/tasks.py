@@ -36,10 +36,40 @@ def evaluate_examples(
     most `max_new_tokens` tokens). Instruction data: the test responses' mean token NLL (lower is better)."""
     if kind is TaskKind.INSTRUCTION:
         return evaluate_responses(model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=desc).nll
+    correct = correct_per_example(
+        model,
+        tokenizer,
+        examples,
+        kind,
+        batch_size=batch_size,
+        length_normalized=length_normalized,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        desc=desc,
+    )
+    return sum(correct) / len(correct)
+
+
+def correct_per_example(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    kind: TaskKind,
+    *,
+    batch_size: int = 32,
+    length_normalized: bool = False,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+    desc: str = "eval",
+) -> list[bool]:
+    """Right or wrong, per example, scored as `evaluate_examples` scores it: what a paired comparison of
+    two models on the same examples needs. Instruction data has no right or wrong (ValueError)."""
+    if kind is TaskKind.INSTRUCTION:
+        raise ValueError("instruction data is scored by its responses' mean token NLL, not right or wrong per example")
     if kind is TaskKind.GENERATION:
         return evaluate_generation(
             model, tokenizer, list(examples), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
-        ).accuracy
+        ).correct
     return evaluate_choices(
         model,
         tokenizer,
@@ -48,7 +78,7 @@ def evaluate_examples(
         length_normalized=length_normalized,
         progress=progress,
         desc=desc,
-    ).accuracy
+    ).correct
 
 
 @dataclass
@@ -85,6 +115,20 @@ class TaskEvaluator:
         with written_atomically(path) as temporary:  # parallel runs of a task may score the LLM at once
             temporary.write_text(json.dumps({"accuracy": accuracy, "task": self.task.name}))
         return accuracy
+
+    def correct(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, desc: str) -> list[bool]:
+        """Right or wrong on each example `__call__` scores (never cached): for paired comparisons."""
+        return correct_per_example(
+            model,
+            tokenizer,
+            self.task.test[: self.limit],
+            self.task.kind,
+            batch_size=self.batch_size,
+            length_normalized=self.length_normalized,
+            max_new_tokens=self.max_new_tokens,
+            progress=self.progress,
+            desc=desc,
+        )
 
     def _cache_path(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Path:
         digest = hashlib.sha256()

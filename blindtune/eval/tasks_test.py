@@ -45,3 +45,16 @@ def test_rounds_before_the_last_score_the_first_round_limit_examples() -> None:
     assert TaskEvaluator(TASK, limit=None, round_limit=5).in_round(1, 2).limit == 5
     assert TaskEvaluator(TASK, limit=1, round_limit=5).in_round(1, 2).limit == 1
     assert TaskEvaluator(TASK, limit=3).in_round(1, 4) == TaskEvaluator(TASK, limit=3)
+
+
+def test_right_or_wrong_per_example_is_what_the_accuracy_counts() -> None:
+    loaded = tiny_model(num_layers=2, hidden_size=16)
+    examples = [Example(f"Q{i}:", "", (" a", " b", " c"), i % 3) for i in range(9)]
+    task = TaskData("toy3", TaskKind.MULTIPLE_CHOICE, examples, [], examples)
+    evaluator = TaskEvaluator(task, limit=7, batch_size=4, progress=False)
+    correct = evaluator.correct(loaded.model, loaded.tokenizer, "toy")
+    assert len(correct) == 7
+    assert sum(correct) / 7 == evaluator(loaded.model, loaded.tokenizer, "toy")
+    instructions = TaskData("notes", TaskKind.INSTRUCTION, examples, [], examples)
+    with pytest.raises(ValueError, match="NLL"):
+        TaskEvaluator(instructions, limit=None, progress=False).correct(loaded.model, loaded.tokenizer, "notes")
