@@ -60,10 +60,9 @@ def rescore(
     plugged = plugged_final_adapter(config, llm, final_adapter(run_dir))
     if plugged is None:
         raise ValueError(f"{run_dir}: method {config.method!r} plugs no adapter into the LLM")
-    paired = task.kind is not TaskKind.INSTRUCTION  # instruction data is one NLL, not right or wrong
+    key = (config.model, config.task, examples)
     correct: list[bool] | None = None
-    if paired:
-        key = (config.model, config.task, examples)
+    if task.kind is not TaskKind.INSTRUCTION:  # instruction data is one NLL, not right or wrong per example
         if key not in llm_scores:
             llm_scores[key] = evaluate.correct(llm.model, llm.tokenizer, "LLM zero-shot")
         llm_accuracy = float(np.mean(llm_scores[key]))
@@ -88,7 +87,7 @@ def rescore(
     }
     if correct is not None:
         row["correct"] = [int(c) for c in correct]
-        row["plugin_minus_llm"] = paired_difference(correct, llm_scores[(config.model, config.task, examples)])
+        row["plugin_minus_llm"] = paired_difference(correct, llm_scores[key])
     return row
 
 

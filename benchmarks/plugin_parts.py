@@ -32,29 +32,18 @@ from blindtune.methods.offsite.config import OffsiteConfig
 from blindtune.methods.offsite.server import handed_out_emulator
 from blindtune.models import load_model
 from blindtune.models.adapters import plugged_in
+from blindtune.models.compact import compacted
 from blindtune.models.surgery import decoder_layers, split_canonical_name
 
 AdapterState = dict[str, torch.Tensor]
 
 
-def without_zeroed_channel_parts(state: AdapterState, handout: torch.nn.Module, layers: list[int]) -> AdapterState:
-    """`state` with its LoRA parts that act only through the MLP channels the hand-out zeroes set to 0.
-
-    `layers`: the LLM layer indices that are the hand-out's positions too (a full-depth hand-out)."""
-    masked = dict(state)
-    handout_layers = decoder_layers(handout)
-    for index in layers:
-        mlp: Any = handout_layers[index].mlp
-        zeroed = (mlp.down_proj.weight == 0).all(dim=0)
-        if not zeroed.any():
-            continue
-        for name, channel_axis in (("down_proj.lora_A", 1), ("gate_proj.lora_B", 0), ("up_proj.lora_B", 0)):
-            key = f"layers.{index}.mlp.{name}.weight"
-            if key in masked:
-                tensor = masked[key].clone()
-                tensor.index_fill_(channel_axis, zeroed.nonzero().squeeze(1), 0.0)
-                masked[key] = tensor
-    return masked
+def without_zeroed_channel_parts(state: AdapterState, handout: torch.nn.Module) -> AdapterState:
+    """`state` with its LoRA parts that act only through the MLP channels the hand-out zeroes set to 0:
+    cut to the compact hand-out's channels and back, with nothing to refill the dropped entries from."""
+    _, channels = compacted(handout)
+    identity = {index: index for index in range(len(decoder_layers(handout)))}  # a full-depth hand-out
+    return channels.full_state(channels.compact_state(state, identity), {}, identity)
 
 
 def variants(state: AdapterState, handout: torch.nn.Module, config: RunConfig) -> dict[str, tuple[AdapterState, float]]:
@@ -65,14 +54,13 @@ def variants(state: AdapterState, handout: torch.nn.Module, config: RunConfig) -
         raise ValueError("plugin_parts needs an offsite run with a full-depth hand-out and LoRA on every layer")
     k = method.adapter_layers_per_side
     ends = set(range(k)) | set(range(num_layers - k, num_layers))
-    middle = [index for index in range(num_layers) if index not in ends]
 
     def keep(wanted: Callable[[str], bool]) -> AdapterState:
         return {name: tensor for name, tensor in state.items() if wanted(name)}
 
     return {
         "as trained": (state, 1.0),
-        "without the parts on zeroed channels": (without_zeroed_channel_parts(state, handout, middle), 1.0),
+        "without the parts on zeroed channels": (without_zeroed_channel_parts(state, handout), 1.0),
         "end layers only": (keep(lambda name: split_canonical_name(name)[0] in ends), 1.0),
         "middle layers only": (keep(lambda name: split_canonical_name(name)[0] not in ends), 1.0),
         "attention only": (keep(lambda name: ".self_attn." in name), 1.0),

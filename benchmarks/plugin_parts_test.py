@@ -16,7 +16,7 @@ def test_the_parts_on_zeroed_channels_are_removed_and_every_variant_is_scored(fi
     config, run_dir, _ = finished_offsite_run(offsite)
     state = final_adapter(run_dir)
     _, handout = handed_out_emulator(load_model(config.model), config, progress=False)
-    masked = without_zeroed_channel_parts(state, handout.model, [1, 2])
+    masked = without_zeroed_channel_parts(state, handout.model)
     for index in (1, 2):
         zeroed = (decoder_layers(handout.model)[index].mlp.down_proj.weight == 0).all(dim=0)
         assert 0 < int(zeroed.sum()) < zeroed.numel()
